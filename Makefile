@@ -1,0 +1,43 @@
+# `make demo` and `make test` each set everything up from scratch on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+DEEPSPEED_VERSION := 0.19.8
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml Makefile
+	@if ! dpkg -s libaio-dev >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null) \
+	      || echo "libaio-dev could not be installed: NVMe I/O falls back to the thread pool"; \
+	  else echo "libaio-dev missing and apt-get unavailable: NVMe I/O falls back to the thread pool"; fi; \
+	fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	# DeepSpeed's setup imports torch, so it builds against the torch installed above.
+	$(PIP) install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(PIP) install -q -e ".[dev,hf,offload,tensorboard]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/stalwart demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stalwart tests bench
+	$(VENV)/bin/ruff format --check stalwart tests bench
+
+bench: $(STAMP)
+	for b in bench/*.py; do $(PY) $$b --json runs/bench/$$(basename $$b .py).json || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
