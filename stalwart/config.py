@@ -1,0 +1,349 @@
+"""The run configuration: one typed, validated tree loaded from YAML plus dotted overrides.
+
+Every component owns one section class here. Unknown keys, wrong types and out-of-range
+values fail in `load_config` before any work starts, with a one-line `ConfigError` that names
+the dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration; the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    """Base of every config section: no unknown keys, no silent coercion of strings to numbers."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, data, optimisation, trainer
+
+
+class ModelConfig(Section):
+    kind: Literal["gpt", "hf"] = "gpt"
+    depth: int = Field(2, ge=1, le=96, description="GPT size dial: width, heads derive from it")
+    width: int | None = Field(None, ge=8, description="override the derived width (multiple of heads)")
+    num_heads: int | None = Field(None, ge=1)
+    context_length: int = Field(64, ge=2, le=131072)
+    vocab_size: int = Field(259, ge=2, description="259 = the built-in byte tokenizer")
+    tie_embeddings: bool = False
+    rope_theta: float = Field(10000.0, gt=0)
+    # Hugging Face: a local directory with config.json (+ weights), or an inline config dict.
+    path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _hf_needs_source(self) -> ModelConfig:
+        if self.kind == "hf" and not (self.path or self.hf_config):
+            raise ValueError(
+                "model.kind is 'hf' but neither model.path (a local model directory) nor "
+                "model.hf_config (an inline transformers config) is set"
+            )
+        return self
+
+
+class DataConfig(Section):
+    kind: Literal["parquet", "arithmetic", "synthetic"] = "arithmetic"
+    path: str | None = Field(None, description="parquet file, directory or glob (kind=parquet)")
+    tokenizer: str = "byte"
+    num_examples: int = Field(20000, ge=1, description="arithmetic/synthetic corpus size")
+    max_operand: int = Field(99, ge=1)
+    shuffle: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _parquet_needs_path(self) -> DataConfig:
+        if self.kind == "parquet" and not self.path:
+            raise ValueError("data.kind is 'parquet' but data.path is not set")
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=10)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 disables")
+    fused: bool | None = Field(None, description="fused AdamW; None = where available")
+
+
+class TrainerConfig(Section):
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1, description="global batch in sequences per optimizer step")
+    grad_accum_steps: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 disables periodic evaluation")
+    eval_batches: int = Field(4, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads per worker; 0 = leave")
+    deterministic: bool = True
+
+
+class ParallelConfig(Section):
+    strategy: Literal["none", "ddp", "fsdp"] = "ddp"
+    world_size: int = Field(1, ge=1, le=4096)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; None starts an embedded instance")
+    num_nodes: int = Field(1, ge=1, description="embedded: simulated nodes (ray.cluster_utils)")
+    num_spare_nodes: int = Field(0, ge=0)
+    workers_per_node: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    hang_timeout_s: float = Field(60.0, gt=0)
+    elastic: bool = False
+    capacity_timeout_s: float = Field(60.0, gt=0)
+    max_recoveries: int = Field(100, ge=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault tolerance
+
+
+class ErasureConfig(Section):
+    group_size: int = Field(4, ge=1, le=16)
+    parity: int = Field(1, ge=0, le=8)
+
+    @model_validator(mode="after")
+    def _parity_fits(self) -> ErasureConfig:
+        if self.group_size > 1 and self.parity >= self.group_size:
+            raise ValueError(
+                f"snapshot.erasure.parity ({self.parity}) must be smaller than "
+                f"snapshot.erasure.group_size ({self.group_size})"
+            )
+        return self
+
+
+class SnapshotConfig(Section):
+    enabled: bool = True
+    every_steps: int = Field(1, ge=1)
+    persist_every: int = Field(0, ge=0, description="persist every P-th committed version; 0 = off")
+    keep: int = Field(2, ge=1, description="durable checkpoints kept")
+    erasure: ErasureConfig = Field(default_factory=ErasureConfig)
+    manager_num_threads: int = Field(1, ge=1, description="CPU threads a snapshot manager may use")
+
+
+FaultKind = Literal["kill_worker", "kill_node", "kill_manager", "hang_worker", "corrupt_fragment"]
+FaultPhase = Literal["forward", "backward", "optimizer", "snapshot", "exchange"]
+
+
+class FaultEvent(Section):
+    kind: FaultKind
+    step: int = Field(ge=1)
+    phase: FaultPhase = "forward"
+    rank: int = Field(0, ge=0)
+    node: int | None = Field(None, ge=0, description="node index for kill_node/kill_manager")
+
+
+class FaultsConfig(Section):
+    events: list[FaultEvent] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offload, quantization, RL
+
+
+class AioConfig(Section):
+    block_size: int = Field(1 << 20, ge=4096)
+    queue_depth: int = Field(8, ge=1)
+    thread_count: int = Field(1, ge=1)
+    single_submit: bool = False
+    overlap_events: bool = True
+
+
+class OffloadConfig(Section):
+    device: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    max_host_memory_gb: float = Field(4.0, gt=0)
+    max_device_memory_gb: float = Field(0.0, ge=0, description="0 = no device budget")
+    pin_memory: bool = True
+    buffer_count: int = Field(4, ge=1)
+    aio: AioConfig = Field(default_factory=AioConfig)
+
+    @model_validator(mode="after")
+    def _nvme_needs_path(self) -> OffloadConfig:
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("offload.device is 'nvme' but offload.nvme_path is not set")
+        return self
+
+
+class QuantConfig(Section):
+    recipe: str = "bf16"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class RLConfig(Section):
+    recipe: str | None = None
+
+
+class MetricsConfig(Section):
+    tensorboard: bool = False
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class RunConfig(Section):
+    name: str = "run"
+    run_dir: str = "runs/{name}"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_part(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("name must be a non-empty file name without '/' or a leading '.'")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> RunConfig:
+        per_step = self.parallel.world_size * self.trainer.grad_accum_steps
+        if self.trainer.batch_size % per_step:
+            raise ValueError(
+                f"trainer.batch_size ({self.trainer.batch_size}) must be divisible by "
+                f"parallel.world_size x trainer.grad_accum_steps ({per_step})"
+            )
+        return self
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir.format(name=self.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _parse_override_value(text: str) -> Any:
+    """`key=value` values are YAML scalars/lists (`3`, `1e-3`, `true`, `[a, b]`, `null`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"cannot parse override value {text!r}: {error}") from None
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (in place) and return it."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not of the form key.path=value")
+        parts = key.strip().split(".")
+        node = tree
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {override!r}: {dotted} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_override_value(raw)
+    return tree
+
+
+def _section_fields(location: tuple) -> list[str]:
+    """The allowed keys at a location of the config tree (for 'did you mean')."""
+    model: Any = RunConfig
+    for part in location:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = tuple(part for part in item["loc"] if isinstance(part, str | int))
+        dotted = ".".join(str(part) for part in location) or "<root>"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            allowed = _section_fields(location[:-1])
+            guess = difflib.get_close_matches(str(location[-1]), allowed, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            lines.append(f"unknown key '{dotted}'{hint} (allowed: {', '.join(allowed)})")
+        elif kind == "missing":
+            lines.append(f"missing required key '{dotted}'")
+        else:
+            value = item.get("input")
+            shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"bad value for '{dotted}': {shown} ({message})")
+    return "; ".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    apply_overrides(tree, overrides or [])
+    return config_from_dict(tree)
+
+
+def save_config(config: RunConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config into the run directory (what `stalwart resume` reads back)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    temporary = target.with_suffix(".yaml.tmp")
+    temporary.write_text(config.to_yaml())
+    temporary.replace(target)
+    return target
