@@ -55,7 +55,7 @@ def build_hf_model(
                 f"model.path {path!r} is not a local Hugging Face model directory (no config.json)"
             )
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, torch_dtype=torch.float32
+            directory, local_files_only=True, dtype=torch.float32
         )
         return HFCausalLM(model)
     if not config or "model_type" not in config:
@@ -65,5 +65,5 @@ def build_hf_model(
     hf_config = transformers.AutoConfig.for_model(model_type, **settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     return HFCausalLM(model)

@@ -1,0 +1,251 @@
+"""The Trainer: what one rank does. Build the components, step, evaluate, expose the state.
+
+The step loop stays short and delegates: the model comes from `models`, parallel wrapping from
+`trainer.parallel`, the optimizer and schedule from `trainer.optim`, batches from `data`,
+low-precision conversion from `quant`, out-of-core steps from `offload`. Everything stateful is
+reachable through `state_dict()` / `load_state_dict()`, which is what snapshots capture.
+
+Hooks let the layers above act at precise points of a step without the loop knowing them:
+`phase_hooks` run at "forward", "backward" and "optimizer" (fault injection);
+`before_optimizer_hooks` run right before parameters change (a snapshot of the previous step
+must have finished copying by then); `after_step_hooks` run when a step is complete (a new
+snapshot starts copying).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from stalwart.config import RunConfig
+from stalwart.models import build_model
+from stalwart.trainer import parallel
+from stalwart.trainer.data import build_datasets
+from stalwart.trainer.optim import WarmupCosine, build_optimizer
+from stalwart.trainer.rng import load_rng_state, rng_state, seed_everything
+
+
+def pick_device(requested: str, rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("trainer.device is 'cuda' but no CUDA device is visible")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        run_dir: str | Path | None = None,
+    ):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.run_dir = Path(run_dir) if run_dir is not None else config.resolved_run_dir()
+        trainer_config = config.trainer
+        if trainer_config.num_threads:
+            torch.set_num_threads(trainer_config.num_threads)
+        if trainer_config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = pick_device(trainer_config.device, rank)
+        # Every rank starts from the same global seed: identical init, identical data order.
+        seed_everything(trainer_config.seed)
+
+        model = build_model(config.model, seed=trainer_config.seed)
+        if config.quant.recipe not in ("bf16", "none"):
+            from stalwart.quant.recipes import convert
+
+            model = convert(model, config.quant)
+        self.model = parallel.parallelize(model.to(self.device), config.parallel.strategy, self.device)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.schedule = WarmupCosine(
+            self.optimizer,
+            peak_lr=config.optim.lr,
+            warmup_steps=config.optim.warmup_steps,
+            max_steps=trainer_config.max_steps,
+            min_lr_ratio=config.optim.min_lr_ratio,
+        )
+        self.train_data, self.eval_data, self.sampler = build_datasets(
+            config, cache_dir=self.run_dir / "data", rank=rank
+        )
+        self.step = 0
+        self.totals = {"tokens": 0, "skipped_steps": 0}
+        self.phase_hooks: list[Callable[[str, int], None]] = []
+        self.before_optimizer_hooks: list[Callable[[int], None]] = []
+        self.after_step_hooks: list[Callable[[int], None]] = []
+        self._autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if trainer_config.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # One step
+
+    def _phase(self, phase: str) -> None:
+        for hook in self.phase_hooks:
+            hook(phase, self.step + 1)
+
+    def _micro_batches(self):
+        trainer_config = self.config.trainer
+        indices = self.sampler.next_indices(trainer_config.batch_size, self.rank, self.world_size)
+        per_micro = len(indices) // trainer_config.grad_accum_steps
+        for start in range(0, len(indices), per_micro):
+            windows = self.train_data.get_batch(indices[start : start + per_micro])
+            windows = windows.to(self.device, non_blocking=True)
+            yield windows[:, :-1], windows[:, 1:]
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast:
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def _sync_context(self, last_micro: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if last_micro:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(False)
+            return _restore_gradient_sync(self.model)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        accum = self.config.trainer.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        num_tokens = 0
+        self._phase("forward")
+        for index, (inputs, targets) in enumerate(self._micro_batches()):
+            with self._sync_context(last_micro=index == accum - 1):
+                loss = self._loss(inputs, targets)
+                if index == accum - 1:
+                    self._phase("backward")
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+            num_tokens += targets.numel()
+        max_norm = self.config.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        for hook in self.before_optimizer_hooks:
+            hook(self.step + 1)
+        self._phase("optimizer")
+        lr = self.schedule.lr
+        skipped = not torch.isfinite(torch.tensor(grad_norm))
+        if skipped:  # the norm is global, so every rank skips together
+            self.totals["skipped_steps"] += 1
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.step += 1
+        self.totals["tokens"] += num_tokens * self.world_size
+        loss_value = float(parallel.all_reduce_mean(loss_sum / accum))
+        for hook in self.after_step_hooks:
+            hook(self.step)
+        elapsed_s = time.perf_counter() - started
+        return {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": num_tokens * self.world_size / elapsed_s,
+            "step_time_s": elapsed_s,
+            "skipped": float(skipped),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over a fixed set of held-out windows (the same ones every time)."""
+        self.model.eval()
+        batch = max(1, self.config.trainer.batch_size // self.world_size)
+        losses = []
+        for number in range(self.config.trainer.eval_batches):
+            start = (number * self.world_size + self.rank) * batch
+            indices = [(start + offset) % len(self.eval_data) for offset in range(batch)]
+            windows = self.eval_data.get_batch(indices).to(self.device)
+            losses.append(self._loss(windows[:, :-1], windows[:, 1:]))
+        self.model.train()
+        return {"eval_loss": float(parallel.all_reduce_mean(torch.stack(losses).mean()))}
+
+    # -----------------------------------------------------------------------------------------
+    # State
+
+    def named_local_parameters(self):
+        """(name, local tensor) for every parameter and buffer this rank holds."""
+        model = parallel.unwrap(self.model)
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            yield name, parallel.local_tensor(tensor.detach() if tensor.requires_grad else tensor)
+
+    def _optimizer_state(self) -> dict:
+        names = {id(p): n for n, p in parallel.unwrap(self.model).named_parameters()}
+        state = {}
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                entries = self.optimizer.state.get(parameter)
+                if entries:
+                    state[names[id(parameter)]] = {
+                        key: parallel.local_tensor(value) for key, value in entries.items()
+                    }
+        return state
+
+    def state_dict(self) -> dict:
+        """The whole state of this rank: tensors are local (sharded under FSDP), the rest JSON."""
+        return {
+            "model": dict(self.named_local_parameters()),
+            "optim": self._optimizer_state(),
+            "schedule": self.schedule.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+            "totals": dict(self.totals),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a state into this rank's tensors in place (same world size and strategy)."""
+        local = dict(self.named_local_parameters())
+        missing = set(local) - set(state["model"])
+        if missing:
+            raise ValueError(f"state has no values for parameters {sorted(missing)[:5]}")
+        for name, tensor in local.items():
+            tensor.copy_(state["model"][name])
+        named = dict(parallel.unwrap(self.model).named_parameters())
+        for name, entries in state["optim"].items():
+            parameter = named[name]
+            slot = self.optimizer.state.setdefault(parameter, {})
+            for key, value in entries.items():
+                if key not in slot:
+                    template = parameter if value.dim() else None
+                    slot[key] = (
+                        torch.zeros_like(template) if template is not None else value.clone()
+                    )
+                parallel.local_tensor(slot[key]).copy_(value)
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        load_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.totals = {key: int(value) for key, value in state["totals"].items()}
+
+
+@contextlib.contextmanager
+def _restore_gradient_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

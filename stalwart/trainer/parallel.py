@@ -1,0 +1,86 @@
+"""Data parallelism applied from outside the model: DDP or FSDP2 (`fully_shard`).
+
+gloo on CPU, NCCL on GPU. The model code never sees any of this. Also the process-group
+set-up and teardown a worker needs, with the helpers that read and write parameters and
+optimizer state as *local* tensors (an FSDP2 rank owns a shard; DDP ranks own a replica).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        if requested == "nccl" and device.type != "cuda":
+            raise ValueError("parallel.backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU")
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_process_group(
+    *, backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float
+) -> None:
+    """Join a fresh process group (a new rendezvous for every (re-)formation)."""
+    if master_addr in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """Wrap the model for the chosen strategy; with one process (or 'none') it is returned as is."""
+    if strategy == "none" or not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        # A fixed bucket order keeps gradient all-reduces, hence results, identical run to run.
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        blocks = getattr(model, "blocks", None)
+        if blocks is not None:
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    raise ValueError(f"parallel.strategy {strategy!r} is not one of none, ddp, fsdp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded) tensor this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
