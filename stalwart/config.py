@@ -121,17 +121,31 @@ class ClusterConfig(Section):
 
 
 class ErasureConfig(Section):
-    group_size: int = Field(4, ge=1, le=16)
-    parity: int = Field(1, ge=0, le=8)
+    """Cross-node Reed-Solomon parity of the in-memory snapshots (docs/erasure.md).
+
+    Nodes form groups of `group_size`; any `parity` node losses per group are recoverable
+    at a memory overhead of parity / (group_size - parity) of a shard per node.
+    """
+
+    group_size: int = Field(4, ge=1, le=16, description="nodes per erasure group (g)")
+    parity: int = Field(
+        1, ge=0, le=8, description="parity pieces per stripe (m) = node losses tolerated per group"
+    )
 
     @model_validator(mode="after")
     def _parity_fits(self) -> ErasureConfig:
-        if self.group_size > 1 and self.parity >= self.group_size:
+        if self.parity >= self.group_size:
             raise ValueError(
                 f"snapshot.erasure.parity ({self.parity}) must be smaller than "
-                f"snapshot.erasure.group_size ({self.group_size})"
+                f"snapshot.erasure.group_size ({self.group_size}): set parity to at most "
+                f"{self.group_size - 1}, or parity=0 to disable erasure coding"
             )
         return self
+
+    @property
+    def memory_overhead(self) -> float:
+        """Parity bytes each node holds, as a fraction of its own shard."""
+        return self.parity / (self.group_size - self.parity)
 
 
 class SnapshotConfig(Section):
