@@ -30,7 +30,7 @@ def build_datasets(config, *, cache_dir: Path, rank: int = 0):
     data = config.data
     context_length = config.model.context_length
     if data.kind == "arithmetic":
-        from stalwart.data.arithmetic import ArithmeticTask, write_arithmetic_parquet
+        from stalwart.data.arithmetic import write_arithmetic_parquet
         from stalwart.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(data.tokenizer)
@@ -44,7 +44,7 @@ def build_datasets(config, *, cache_dir: Path, rank: int = 0):
                     count,
                     seed=data.seed,
                     tokenizer=tokenizer,
-                    task=ArithmeticTask(seed=data.seed, max_operand=data.max_operand),
+                    max_operand=data.max_operand,
                     split=split,
                 ),
             )
