@@ -265,12 +265,22 @@ class RunConfig(Section):
 # Loading
 
 
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    """One line: PyYAML's own messages span several lines with a caret drawing."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def _parse_override_value(text: str) -> Any:
     """`key=value` values are YAML scalars/lists (`3`, `1e-3`, `true`, `[a, b]`, `null`)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"cannot parse override value {text!r}: {error}") from None
+        raise ConfigError(
+            f"cannot parse override value {text!r}: {_describe_yaml_error(error)}"
+        ) from None
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -344,7 +354,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_describe_yaml_error(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
