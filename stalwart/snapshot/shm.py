@@ -1,0 +1,230 @@
+"""Named shared-memory regions that outlive the processes writing into them.
+
+A region is a file under `/dev/shm` (a RAM-backed tmpfs; elsewhere a directory under the temp
+dir, or `$STALWART_SHM_DIR`) mapped with `mmap`. The snapshot manager creates a job's regions and
+trainers attach to them. Unlike `multiprocessing.shared_memory`, attaching registers nothing with
+a resource tracker: when a trainer dies (even by SIGKILL) the region and the snapshot in it stay,
+which is the whole point. Only `Region.unlink()` or `remove_regions(prefix)` deletes one.
+
+Region names carry the job id as a prefix (`region_name(job_id, ...)`) so every region of a job
+can be listed and removed after it ends or crashes.
+
+On CUDA hosts a mapping can be page-locked with `cudaHostRegister` so device-to-host copies into
+it run asynchronously at full PCIe bandwidth, without a second staging copy.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+NAME_PREFIX = "stalwart-"
+_VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CUDA_HOST_REGISTER_PORTABLE = 1
+
+
+def shm_dir() -> Path:
+    """Where regions live: $STALWART_SHM_DIR, else /dev/shm, else <tmp>/stalwart-shm."""
+    configured = os.environ.get("STALWART_SHM_DIR")
+    if configured:
+        path = Path(configured)
+    elif os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        path = Path("/dev/shm")
+    else:
+        path = Path(tempfile.gettempdir()) / "stalwart-shm"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _VALID_NAME.match(name):
+        raise ValueError(
+            f"shared-memory region name {name!r} is invalid: use letters, digits, '.', '_' and "
+            "'-' only, starting with a letter or digit (it becomes a file name)"
+        )
+
+
+def job_prefix(job_id: str) -> str:
+    """The name prefix every region of `job_id` carries."""
+    _check_name(str(job_id))
+    return f"{NAME_PREFIX}{job_id}-"
+
+
+def region_name(job_id: str, *parts: object) -> str:
+    """`stalwart-<job_id>-<part>-<part>...`, e.g. region_name("run7", "rank3", "slot1")."""
+    name = job_prefix(job_id) + "-".join(str(part) for part in parts)
+    _check_name(name)
+    return name
+
+
+class Region:
+    """One mapped region. `buffer` is a writable memoryview, `array` a numpy uint8 view of it."""
+
+    def __init__(self, name: str, path: Path, nbytes: int, mapping: mmap.mmap, owner: bool):
+        self.name = name
+        self.path = path
+        self.nbytes = nbytes
+        self.owner = owner
+        self._mapping: mmap.mmap | None = mapping
+        self.buffer: memoryview | None = memoryview(mapping)
+        self.array: np.ndarray | None = np.frombuffer(mapping, dtype=np.uint8)
+        self.cuda_registered = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.nbytes} bytes"
+        return f"Region({self.name!r}, {state}, owner={self.owner})"
+
+    @property
+    def closed(self) -> bool:
+        return self._mapping is None
+
+    def register_cuda(self) -> bool:
+        """Page-lock the mapping for CUDA (async D2H copies). False when no CUDA device is present."""
+        if self.cuda_registered:
+            return True
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return False
+        if not torch.cuda.is_available():
+            return False
+        error = torch.cuda.cudart().cudaHostRegister(
+            self.array.ctypes.data, self.nbytes, _CUDA_HOST_REGISTER_PORTABLE
+        )
+        if int(error) != 0:
+            raise RuntimeError(
+                f"cudaHostRegister of region {self.name!r} ({self.nbytes} bytes) failed with CUDA "
+                f"error {int(error)}; check the memlock limit (ulimit -l)"
+            )
+        self.cuda_registered = True
+        return True
+
+    def close(self) -> None:
+        """Unmap (never unlinks). Views handed out earlier keep the mapping alive until they go."""
+        if self._mapping is None:
+            return
+        if self.cuda_registered:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
+            self.cuda_registered = False
+        mapping, self._mapping = self._mapping, None
+        self.buffer.release()
+        self.buffer = None
+        self.array = None
+        try:
+            mapping.close()
+        except BufferError:
+            # Someone still holds a view (a restored tensor): the mmap object unmaps itself when
+            # the last view is garbage-collected, so dropping our reference is enough.
+            pass
+
+    def unlink(self) -> None:
+        """Delete the region's name; the memory goes once every mapping of it is closed."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _path_of(name: str) -> Path:
+    _check_name(name)
+    return shm_dir() / name
+
+
+def create_region(name: str, nbytes: int, *, register_cuda: bool = False) -> Region:
+    """Create, size and map a new region (fails if the name exists).
+
+    The pages are reserved up front with posix_fallocate: a full /dev/shm then fails here with a
+    clear error instead of killing a later writer with SIGBUS.
+    """
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        raise ValueError(f"region {name!r}: nbytes must be a positive int, got {nbytes!r}")
+    path = _path_of(name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"shared-memory region {name!r} already exists at {path}; attach to it, or remove "
+            "the job's stale regions with remove_regions(prefix)"
+        ) from None
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as error:
+            raise MemoryError(
+                f"cannot reserve {nbytes} bytes for region {name!r} in {path.parent}: "
+                f"{error.strerror}; free memory there or lower the snapshot size"
+            ) from None
+        mapping = mmap.mmap(
+            fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)  # the mapping keeps the file open
+    region = Region(name, path, nbytes, mapping, owner=True)
+    if register_cuda:
+        region.register_cuda()
+    return region
+
+
+def attach_region(name: str, *, register_cuda: bool = False) -> Region:
+    """Map an existing region read-write. Closing it, or dying, never removes it."""
+    path = _path_of(name)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"shared-memory region {name!r} does not exist in {path.parent}; the snapshot "
+            "manager creates it (is it running on this node?)"
+        ) from None
+    try:
+        nbytes = os.fstat(fd).st_size
+        if nbytes == 0:
+            raise ValueError(f"shared-memory region {name!r} at {path} is empty")
+        mapping = mmap.mmap(
+            fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    finally:
+        os.close(fd)
+    region = Region(name, path, nbytes, mapping, owner=False)
+    if register_cuda:
+        region.register_cuda()
+    return region
+
+
+def list_regions(prefix: str) -> list[str]:
+    """Names of existing regions starting with `prefix` (e.g. `job_prefix(job_id)`)."""
+    if not prefix:
+        raise ValueError("list_regions needs a non-empty prefix (use job_prefix(job_id))")
+    directory = shm_dir()
+    return sorted(
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False)
+    )
+
+
+def remove_regions(prefix: str) -> list[str]:
+    """Unlink every region whose name starts with `prefix`; returns the names removed."""
+    removed = []
+    for name in list_regions(prefix):
+        try:
+            (shm_dir() / name).unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
