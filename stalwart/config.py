@@ -57,11 +57,29 @@ class ModelConfig(Section):
 class DataConfig(Section):
     kind: Literal["parquet", "arithmetic", "synthetic"] = "arithmetic"
     path: str | None = Field(None, description="parquet file, directory or glob (kind=parquet)")
-    tokenizer: str = "byte"
-    num_examples: int = Field(20000, ge=1, description="arithmetic/synthetic corpus size")
-    max_operand: int = Field(99, ge=1)
+    eval_path: str | None = Field(
+        None, description="held-out parquet file, directory or glob (kind=parquet); None = path"
+    )
+    tokenizer: str = Field("byte", description="'byte' or a local Hugging Face tokenizer directory")
+    num_examples: int = Field(
+        20000, ge=1, description="arithmetic: problems in the corpus; synthetic: windows"
+    )
+    max_operand: int = Field(99, ge=1, description="arithmetic operands are 0..max_operand")
+    num_operands: int = Field(2, ge=2, le=8, description="arithmetic operands per problem")
+    ops: str = Field("+-", description="arithmetic operators, distinct characters of '+-*'")
     shuffle: bool = True
-    seed: int = 0
+    drop_last: bool = Field(
+        True, description="skip an epoch's tail shorter than a global batch (else wrap into the next)"
+    )
+    seed: int = Field(0, ge=0, description="sample order (and generated corpora)")
+    cache_mb: int = Field(256, ge=0, description="decoded row groups kept in memory per rank")
+
+    @field_validator("ops")
+    @classmethod
+    def _ops_allowed(cls, value: str) -> str:
+        if not value or any(op not in "+-*" for op in value) or len(set(value)) != len(value):
+            raise ValueError("must be distinct characters from '+-*', e.g. '+-'")
+        return value
 
     @model_validator(mode="after")
     def _parquet_needs_path(self) -> DataConfig:
@@ -207,12 +225,90 @@ class QuantConfig(Section):
 
 
 class RLConfig(Section):
-    recipe: str | None = None
+    """RL with verifiable rewards (docs/rl.md). `recipe: scalerl` fills every key it names that
+    the file leaves unset: CISPO, prompt-level aggregation, batch advantage normalisation,
+    zero-variance filtering, no-positive-resampling, FP32 LM head, PipelineRL-8, length cap."""
+
+    recipe: Literal["scalerl"] | None = None
+    loss: Literal["grpo", "dapo", "cispo"] = "grpo"
+    aggregation: Literal["sample", "token", "prompt"] | None = Field(
+        None, description="None: the loss's own (grpo: sample, dapo/cispo: token)"
+    )
+    advantage_norm: Literal["group", "batch", "none"] = "group"
+    clip_eps: float = Field(0.2, gt=0, description="GRPO symmetric clip")
+    clip_eps_low: float = Field(0.2, gt=0, description="DAPO lower clip")
+    clip_eps_high: float = Field(0.28, gt=0, description="DAPO upper clip")
+    cispo_eps_max: float = Field(4.0, gt=0, description="CISPO cap of the importance weight")
+    num_samples: int = Field(8, ge=1, description="completions per prompt (group size)")
+    prompts_per_step: int = Field(16, ge=1, description="prompt groups per learner step")
+    max_staleness: int = Field(0, ge=0, description="PipelineRL-k; 0 = synchronous on-policy")
+    num_rollout_workers: int = Field(1, ge=1)
+    rollout_chunk_prompts: int = Field(4, ge=1, description="prompts per generation call")
+    rollout_num_threads: int = Field(1, ge=1, description="torch threads per rollout actor")
+    learner_num_threads: int = Field(1, ge=1, description="torch threads of the learner")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8, ge=1)
+    stop_token_ids: list[int] = Field(default_factory=lambda: [257])
+    fp32_lm_head: bool = False
+    zero_variance_filter: bool = False
+    no_positive_resampling: bool = False
+    positive_pass_rate: float = Field(0.9, gt=0, le=1)
+    interrupt_at: tuple[int, int] | None = Field(
+        None, description="[min, max] generated tokens at which a running sample is interrupted"
+    )
+    interrupt_text: str = " Answer: "
+    answer_tokens: int = Field(4, ge=1, description="tokens sampled after the interruption")
+    reward: str = Field("arithmetic", description="'arithmetic' or a dotted path module:function")
+    reward_timeout_s: float = Field(5.0, gt=0)
+    reward_on_error: Literal["raise", "zero"] = "raise"
+    warmup_sft_steps: int = Field(0, ge=0, description="supervised steps before RL starts")
+    warmup_sft_lr: float = Field(3e-3, gt=0)
+    warmup_sft_batch_size: int = Field(64, ge=1)
+    eval_every: int = Field(10, ge=1, description="learner steps between held-out checkpoints")
+    eval_prompts: int = Field(200, ge=1)
+    eval_num_samples: int = Field(4, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or values.get("recipe") != "scalerl":
+            return values
+        preset = {
+            "loss": "cispo",
+            "aggregation": "prompt",
+            "advantage_norm": "batch",
+            "zero_variance_filter": True,
+            "no_positive_resampling": True,
+            "fp32_lm_head": True,
+            "max_staleness": 8,
+        }
+        merged = {**preset, **values}
+        if "interrupt_at" not in values:
+            budget = int(merged.get("max_new_tokens", 8))
+            # ScaleRL interrupts at a random point in the last ~20% of the thinking budget.
+            merged["interrupt_at"] = (max(1, round(0.8 * budget)), budget)
+        return merged
+
+    @model_validator(mode="after")
+    def _interrupt_range(self) -> RLConfig:
+        if self.interrupt_at is not None and not 1 <= self.interrupt_at[0] <= self.interrupt_at[1]:
+            raise ValueError(
+                f"rl.interrupt_at is {list(self.interrupt_at)}; give [min, max] with "
+                "1 <= min <= max"
+            )
+        if self.interrupt_at is not None and not self.interrupt_text:
+            raise ValueError("rl.interrupt_text is empty but rl.interrupt_at is set")
+        return self
 
 
 class MetricsConfig(Section):
-    tensorboard: bool = False
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    progress: Literal["auto", "bar", "lines", "off"] = Field(
+        "auto", description="rank 0 stdout: tqdm bar, plain lines, auto (bar on a terminal), off"
+    )
+    tensorboard: bool = Field(False, description="also write TensorBoard events (pip tensorboard)")
+    tensorboard_dir: str | None = Field(None, description="None = <run_dir>/tensorboard")
+    fsync: bool = Field(False, description="fsync metrics.jsonl per line (survives power loss)")
 
 
 # ---------------------------------------------------------------------------------------------
