@@ -166,7 +166,10 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_length: int) -> KVCache:
         weight = self.token_embedding.weight
-        dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled() else weight.dtype
+        device_type = weight.device.type
+        # is_autocast_enabled() without a device type reports CUDA only; ask for this device.
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         return KVCache(self.config, batch_size, max_length, weight.device, dtype)
 
     def forward(
