@@ -69,7 +69,7 @@ class DataConfig(Section):
     ops: str = Field("+-", description="arithmetic operators, distinct characters of '+-*'")
     shuffle: bool = True
     drop_last: bool = Field(
-        True, description="skip an epoch's tail shorter than a global batch (else wrap into the next)"
+        True, description="skip an epoch tail shorter than a global batch (else wrap into next)"
     )
     seed: int = Field(0, ge=0, description="sample order (and generated corpora)")
     cache_mb: int = Field(256, ge=0, description="decoded row groups kept in memory per rank")
