@@ -315,13 +315,14 @@ def copy_into(
     buffer: Buffer,
     *,
     stream: torch.cuda.Stream | None = None,
+    ready_event: torch.cuda.Event | None = None,
     pinned: bool = False,
 ) -> torch.cuda.Event | None:
     """Copy every tensor into its region of `buffer`, byte for byte.
 
     CPU tensors: a plain copy (torch releases the GIL while it runs). CUDA tensors: a D2H copy
-    enqueued on `stream` (after the stream waits for the current stream, so the copy sees every
-    kernel already queued); non-blocking when `pinned` says the buffer is page-locked
+    enqueued on `stream` after it waits for `ready_event` (recorded where the tensors were
+    final) or, without one, for the current stream; non-blocking when `pinned` says the buffer is page-locked
     (`cudaHostRegister`). Returns a CUDA event recorded after the last copy (synchronize it
     before reading the buffer), or None when everything was copied synchronously.
     """
@@ -349,7 +350,10 @@ def copy_into(
         return None
     device = cuda_tensors[0][0].device
     stream = stream if stream is not None else torch.cuda.current_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    if ready_event is not None:
+        stream.wait_event(ready_event)
+    else:
+        stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for tensor, entry in cuda_tensors:
             _bit_view(_region(byte_view, entry)).copy_(
@@ -405,10 +409,14 @@ def unflatten(
     buffer: Buffer,
     *,
     materialize: bool = False,
+    clone_below_bytes: int = 0,
 ) -> Any:
     """Rebuild the state tree; tensors are views over `buffer` unless `materialize` clones them.
 
-    `skeleton=None` takes it from `layout.extra["skeleton"]`.
+    `skeleton=None` takes it from `layout.extra["skeleton"]`. Tensors of at most
+    `clone_below_bytes` bytes are cloned even without `materialize`: some consumers of small
+    tensors ignore a view's storage offset (`torch.set_rng_state` reads from the start of the
+    storage), and cloning a few KiB costs nothing.
     """
     layout = Layout.coerce(layout)
     if skeleton is None:
@@ -417,6 +425,8 @@ def unflatten(
         skeleton = layout.extra["skeleton"]
     byte_view = _byte_tensor(buffer, layout.total_bytes)
     tensors = [_region(byte_view, entry) for entry in layout.entries]
-    if materialize:
-        tensors = [tensor.clone() for tensor in tensors]
+    tensors = [
+        tensor.clone() if materialize or entry.nbytes <= clone_below_bytes else tensor
+        for tensor, entry in zip(tensors, layout.entries)
+    ]
     return _rebuild(skeleton, tensors)
