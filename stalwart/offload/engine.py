@@ -1,0 +1,1107 @@
+"""OffloadEngine: train any nn.Module whose parameters and AdamW state live on NVMe (or host).
+
+The model is cut into *units*: every block of its largest `nn.ModuleList` (a transformer layer)
+and every other module that owns parameters (embedding, final norm, LM head). Parameters shared
+between units (tied embeddings) or owned by the root form one persistent unit that stays resident
+during a step. Each unit has, in the tensor store, two versions of [parameters | exp_avg |
+exp_avg_sq] (committed and speculative) and a gradient-accumulation span.
+
+A step, driven by module hooks:
+- forward: a unit's parameters are read into a host buffer just before it runs (the next
+  `prefetch_depth` units are already on their way) and released right after; blocks run under
+  activation checkpointing (`activations.py`), so nothing saved points into a released buffer;
+- backward: a unit's parameters (and, on the last micro-batch, its optimizer state) are read
+  back before its backward; when all its gradients have accumulated (post-accumulate-grad
+  hooks) they leave the device, the unit is handed to the optimizer thread, which updates it
+  in place (`optimizer.py`) and writes it to the speculative version while the backward of the
+  earlier layers goes on;
+- end: the global gradient norm decides commit / skip / redo-with-clipping (see optimizer.py).
+
+Host memory: `offload.max_host_memory_gb` bounds the whole process. The engine measures what the
+process already uses, reserves a workspace for gradients and activations, and gives the rest to
+the buffer pool; a budget too small for one layer fails at construction with the number needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from stalwart.offload.activations import (
+    ActivationSwapper,
+    BlockCheckpoint,
+    CheckpointedCall,
+    StashedCheckpoint,
+    can_checkpoint,
+)
+from stalwart.offload.aio import AioSettings, align_up, make_aio, malloc_trim
+from stalwart.offload.optimizer import (
+    AdamWSettings,
+    OutOfCoreAdamW,
+    clip_coefficient,
+    parameter_norms,
+    step_decision,
+    total_norm,
+)
+from stalwart.offload.store import GIB, HostBufferPool, TensorStore, check_nvme_path
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "stalwart.offload/1"
+_TENSOR_ALIGNMENT = 64  # bytes between tensors inside a unit's span: any dtype view is aligned
+_CHECKPOINT_CHUNK_BYTES = 8 << 20
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+@dataclass
+class _Slot:
+    """One parameter inside a unit: where its bytes sit in the unit's spans."""
+
+    name: str
+    param: nn.Parameter
+    index: int  # position in model.parameters(): the order of the global norm
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    p_offset: int
+    trainable: bool
+    state_offset: int = -1  # inside the exp_avg span (same inside exp_avg_sq), trainables only
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def num_bytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class _Unit:
+    index: int
+    name: str
+    modules: list[nn.Module]
+    slots: list[_Slot]
+    is_block: bool = False
+    persistent: bool = False
+    p_bytes: int = 0  # aligned span of all parameters
+    state_bytes: int = 0  # aligned span of one state tensor set (exp_avg or exp_avg_sq)
+    version_offsets: tuple[int, int] = (0, 0)
+    grad_offset: int = 0
+    version: int = 0
+    written: bool = False  # the speculative version holds this step's update
+    pending: int = 0
+    attached: bool = False  # parameters' .data point into p_buffer
+    # Non-block units start resident for the whole step until their forward hook has been seen
+    # to fire: a model may use a module's weight without calling the module (GPT's LM head).
+    provisional: bool = False
+    seen_in_forward: bool = False
+    updated_slots: list = field(default_factory=list)
+    p_buffer: object = None
+    p_future: Future | None = None
+    mv_buffer: object = None
+    mv_future: Future | None = None
+    g_buffer: object = None
+    g_future: Future | None = None
+    device_copies: list = field(default_factory=list)
+
+    @property
+    def trainable(self) -> list[_Slot]:
+        return [slot for slot in self.slots if slot.trainable]
+
+    @property
+    def mv_bytes(self) -> int:
+        return 2 * self.state_bytes
+
+    @property
+    def working_set_bytes(self) -> int:
+        return self.p_bytes + self.mv_bytes + self.state_bytes
+
+
+@dataclass
+class Shard:
+    """A streaming view of offloaded state for the durable tier: layout + read_into."""
+
+    layout: dict
+    _reader: Callable[[int, memoryview], None]
+
+    def read_into(self, offset: int, target: memoryview) -> None:
+        self._reader(offset, target)
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The children of the model's largest nn.ModuleList (by parameter count): its layers."""
+    best, best_params = [], 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if count > best_params:
+                best, best_params = list(module), count
+    return best
+
+
+class OffloadEngine:
+    """Out-of-core training of `model` with AdamW; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        offload_config,
+        optim_config,
+        *,
+        loss_fn: Callable,
+        run_dir: str | os.PathLike | None = None,
+        init_fn: Callable[[str, torch.Tensor], None] | None = None,
+        aio_backend: str = "auto",
+        optimizer_kernel: str | None = None,
+        prefetch_depth: int | None = None,
+        activation_target: str | None = None,
+    ):
+        device_kind = offload_config.device
+        if device_kind not in ("cpu", "nvme"):
+            raise ValueError(
+                f"offload.device={device_kind!r}: the offload engine needs 'cpu' or 'nvme' "
+                "(use the ordinary trainer for 'none')"
+            )
+        self.model = model
+        self.config = offload_config
+        self.loss_fn = loss_fn
+        self.run_dir = str(run_dir) if run_dir is not None else None
+        self.compute_device = (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        )
+        self.settings = AdamWSettings.from_config(optim_config)
+        kernel = optimizer_kernel or getattr(offload_config, "optimizer_kernel", "auto")
+        self.optimizer = OutOfCoreAdamW(self.settings, kernel)
+        self.max_host_bytes = int(float(offload_config.max_host_memory_gb) * GIB)
+        self.step_count = 0
+        self.param_steps: dict[str, int] = {}
+        self._phase = "idle"
+        self._trace: list[_Unit] = []
+        self._traced = False
+        self._last_microbatch = True
+        self._first_microbatch = True
+        self._num_microbatches = 1
+        self._clip_coef: torch.Tensor | None = None
+        self._norms: dict[int, torch.Tensor] = {}
+        self._writes: list[Future] = []
+        self._jobs: list[Future] = []
+        self._job_slots = threading.BoundedSemaphore(2)
+        self._optimizer_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="stalwart-adam"
+        )
+        self._checkpoint_calls: dict[int, StashedCheckpoint] = {}
+        self._stats = {"wait_s": 0.0}
+        self.last_metrics: dict = {}
+
+        self.units = self._build_units(model)
+        self._check_dtypes()
+        self._layout_and_budget(offload_config, aio_backend)
+        if prefetch_depth is None:
+            prefetch_depth = getattr(offload_config, "prefetch_depth", None)
+        if prefetch_depth is None:
+            prefetch_depth = max(int(offload_config.buffer_count) - 1, 0)
+        self.prefetch_depth = int(prefetch_depth)
+        self.activation_targets: dict[int, str] = {}
+        swap = activation_target or getattr(offload_config, "activation_swap", "auto")
+        self.default_activation_target = "keep" if swap == "auto" else swap
+        self._initialise_store(init_fn)
+        self._install_hooks()
+        self.plan = None
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+
+    def _build_units(self, model: nn.Module) -> list[_Unit]:
+        blocks = find_blocks(model)
+        block_ids = {id(block) for block in blocks}
+        inside_block: set[int] = set()
+        for block in blocks:
+            inside_block.update(id(m) for m in block.modules())
+        ancestors_of_blocks: set[int] = set()
+        for module in model.modules():
+            if id(module) not in inside_block and any(id(m) in block_ids for m in module.modules()):
+                ancestors_of_blocks.add(id(module))
+
+        owners: list[tuple[str, nn.Module, bool, list[tuple[str, nn.Parameter]]]] = []
+        for name, module in model.named_modules():
+            if id(module) in block_ids:
+                owners.append(
+                    (
+                        name,
+                        module,
+                        True,
+                        list(module.named_parameters(prefix=name, remove_duplicate=False)),
+                    )
+                )
+            elif id(module) in inside_block:
+                continue
+            else:
+                direct = list(module.named_parameters(prefix=name, recurse=False))
+                if direct:
+                    owners.append((name, module, False, direct))
+
+        use_count: dict[int, int] = {}
+        for _, _module, _, params in owners:
+            for _, param in {id(p): (n, p) for n, p in params}.values():
+                use_count[id(param)] = use_count.get(id(param), 0) + 1
+        root_direct = {id(p) for _, p in model.named_parameters(recurse=False)}
+        index_of = {id(p): i for i, p in enumerate(model.parameters())}
+        canonical_name = {id(p): n for n, p in model.named_parameters()}
+
+        units: list[_Unit] = []
+        persistent_params: dict[int, nn.Parameter] = {}
+        persistent_modules: list[nn.Module] = []
+        for name, module, is_block, params in owners:
+            kept = []
+            for _, param in {id(p): (n, p) for n, p in params}.values():
+                if (
+                    use_count[id(param)] > 1
+                    or id(param) in root_direct
+                    or id(module) in ancestors_of_blocks
+                ):
+                    persistent_params[id(param)] = param
+                else:
+                    kept.append(param)
+            if is_block or kept:
+                slots = [self._slot(canonical_name[id(p)], p, index_of[id(p)]) for p in kept]
+                unit = _Unit(len(units), name or "<root>", [module], slots, is_block=is_block)
+                unit.persistent = unit.provisional = not is_block
+                units.append(unit)
+            elif id(module) not in ancestors_of_blocks:
+                persistent_modules.append(module)
+        if persistent_params:
+            slots = [
+                self._slot(canonical_name[id(p)], p, index_of[id(p)])
+                for p in persistent_params.values()
+            ]
+            units.append(
+                _Unit(len(units), "<persistent>", persistent_modules, slots, persistent=True)
+            )
+        for unit in units:
+            unit.slots.sort(key=lambda slot: slot.index)
+        return units
+
+    @staticmethod
+    def _slot(name: str, param: nn.Parameter, index: int) -> _Slot:
+        return _Slot(name, param, index, tuple(param.shape), param.dtype, 0, param.requires_grad)
+
+    def _check_dtypes(self) -> None:
+        for unit in self.units:
+            for slot in unit.trainable:
+                if slot.dtype != torch.float32:
+                    raise ValueError(
+                        f"parameter {slot.name} is {slot.dtype}; the offload engine trains float32 "
+                        "parameters (load the model with dtype=float32)"
+                    )
+
+    def _layout_and_budget(self, offload_config, aio_backend: str) -> None:
+        for unit in self.units:
+            p_bytes = state_bytes = 0
+            for slot in unit.slots:
+                slot.p_offset = p_bytes
+                p_bytes += align_up(slot.num_bytes, _TENSOR_ALIGNMENT)
+                if slot.trainable:
+                    slot.state_offset = state_bytes
+                    state_bytes += align_up(slot.num_bytes, _TENSOR_ALIGNMENT)
+            unit.p_bytes = align_up(p_bytes)
+            unit.state_bytes = align_up(state_bytes) if state_bytes else 0
+
+        malloc_trim()
+        self.baseline_rss_bytes = rss_bytes()
+        largest = max(self.units, key=lambda u: u.working_set_bytes)
+        # Until the first step has shown which modules run their own forward, every non-block
+        # unit stays resident through the step.
+        persistent = sum(u.working_set_bytes for u in self.units if u.persistent)
+        largest_grad_bytes = max((u.state_bytes for u in self.units), default=0)
+        # Outside the pool: gradients of two units (one in backward, one in the optimizer),
+        # the clipped copy during a redo, and the allocator's slack.
+        self.workspace_bytes = 3 * largest_grad_bytes + (96 << 20)
+        # The smallest pool that can run a step: the persistent unit plus two units in flight.
+        self.min_pool_bytes = persistent + 2 * largest.working_set_bytes
+        available = self.max_host_bytes - self.baseline_rss_bytes - self.workspace_bytes
+        if available < self.min_pool_bytes:
+            needed = self.baseline_rss_bytes + self.workspace_bytes + self.min_pool_bytes
+            raise ValueError(
+                f"offload.max_host_memory_gb={offload_config.max_host_memory_gb} is too small: the process "
+                f"already uses {self.baseline_rss_bytes / GIB:.2f} GiB, and one step needs "
+                f"{(self.workspace_bytes + self.min_pool_bytes) / GIB:.2f} GiB more (layer '{largest.name}' "
+                f"moves {largest.working_set_bytes / GIB:.3f} GiB of parameters and optimizer state); "
+                f"set it to at least {needed / GIB:.2f}"
+            )
+        # Activations (checkpoints, one block's recompute, logits) get a share of what is left.
+        self.pool_budget_bytes = self.min_pool_bytes + int(0.7 * (available - self.min_pool_bytes))
+        self.activation_allowance_bytes = available - self.pool_budget_bytes
+
+        if offload_config.device == "nvme":
+            root = check_nvme_path(offload_config.nvme_path)
+            self.nvme_directory = os.path.join(
+                root, f"stalwart-offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            )
+            os.makedirs(self.nvme_directory)
+        else:
+            self.nvme_directory = None
+        self.aio = make_aio(
+            AioSettings.from_config(getattr(offload_config, "aio", None)),
+            backend=aio_backend,
+            lockable_bytes=self.pool_budget_bytes,
+        )
+        self.store = TensorStore(
+            self.aio, device=offload_config.device, directory=self.nvme_directory
+        )
+        for unit in self.units:
+            record = unit.p_bytes + unit.mv_bytes
+            first = self.store.reserve(record).offset
+            second = self.store.reserve(record).offset
+            unit.version_offsets = (first, second)
+            unit.grad_offset = (
+                self.store.reserve(unit.state_bytes).offset if unit.state_bytes else 0
+            )
+        try:
+            self.store.open()
+        except ValueError:
+            self._remove_directory()
+            raise
+        self.pool = HostBufferPool(
+            self.aio,
+            self.pool_budget_bytes,
+            pin_memory=bool(getattr(offload_config, "pin_memory", False)),
+        )
+        self.swapper = (
+            ActivationSwapper(self.aio, self.nvme_directory, self.pool)
+            if self.nvme_directory
+            else None
+        )
+
+    @torch.no_grad()
+    def _initialise_store(self, init_fn) -> None:
+        """Write every unit's parameters (and zero optimizer state) to version 0, then free them."""
+        for unit in self.units:
+            buffer = self.pool.acquire(unit.p_bytes + unit.mv_bytes)
+            buffer.tensor.zero_()
+            for slot in unit.slots:
+                target = buffer.view(slot.dtype, slot.p_offset, slot.numel, slot.shape)
+                param = slot.param
+                if param.is_meta or param.numel() == 0:
+                    if init_fn is None:
+                        _default_init(slot.name, target)
+                    else:
+                        init_fn(slot.name, target)
+                else:
+                    target.copy_(param.detach())
+            self.store.write_span(
+                unit.version_offsets[0], unit.p_bytes + unit.mv_bytes, buffer
+            ).result()
+            buffer.release()
+            for slot in unit.slots:
+                self._detach(slot)
+                self.param_steps[slot.name] = 0
+        self.pool.shrink()
+        malloc_trim()
+
+    def _detach(self, slot: _Slot) -> None:
+        param = slot.param
+        if param.is_meta:
+            owner_name, _, attr = slot.name.rpartition(".")
+            owner = self.model.get_submodule(owner_name) if owner_name else self.model
+            replacement = nn.Parameter(
+                _placeholder(slot.dtype, self.compute_device), requires_grad=slot.trainable
+            )
+            setattr(owner, attr, replacement)
+            slot.param = replacement
+            for unit in self.units:
+                for other in unit.slots:
+                    if other.param is param:
+                        other.param = replacement
+            return
+        param.data = _placeholder(slot.dtype, self.compute_device)
+        param.grad = None
+
+    def _install_hooks(self) -> None:
+        for unit in self.units:
+            if unit.persistent:
+                continue
+            module = unit.modules[0]
+            if unit.is_block:
+                module.forward = self._block_forward(unit, module.forward)
+            else:
+                module.register_forward_pre_hook(lambda _m, _a, u=unit: self._enter(u))
+                module.register_forward_hook(lambda _m, _a, out, u=unit: self._exit(u, out))
+        for unit in self.units:
+            for slot in unit.trainable:
+                slot.param.register_post_accumulate_grad_hook(
+                    lambda _p, u=unit: self._grad_ready(u)
+                )
+
+    # ------------------------------------------------------------------------------------------
+    # residency
+
+    def _start_read(self, unit: _Unit, *, blocking: bool) -> bool:
+        if unit.p_buffer is not None:
+            return True
+        if blocking:
+            buffer = self.pool.acquire(unit.p_bytes)
+        else:
+            buffer = self.pool.try_acquire(unit.p_bytes, reserve_bytes=self._reserve_bytes())
+            if buffer is None:
+                return False
+        unit.p_buffer = buffer
+        unit.p_future = self.store.read_span(
+            unit.version_offsets[unit.version], unit.p_bytes, buffer
+        )
+        return True
+
+    def _reserve_bytes(self) -> int:
+        return max(u.working_set_bytes for u in self.units)
+
+    def _make_resident(self, unit: _Unit) -> None:
+        self._start_read(unit, blocking=True)
+        if unit.p_future is not None:
+            start = time.perf_counter()
+            unit.p_future.result()
+            self._stats["wait_s"] += time.perf_counter() - start
+            unit.p_future = None
+        if not unit.attached:
+            unit.attached = True
+            for slot in unit.slots:
+                view = unit.p_buffer.view(slot.dtype, slot.p_offset, slot.numel, slot.shape)
+                if self.compute_device.type != "cpu":
+                    view = view.to(self.compute_device, non_blocking=True)
+                slot.param.data = view
+
+    def _release(self, unit: _Unit) -> None:
+        unit.attached = False
+        for slot in unit.slots:
+            slot.param.data = _placeholder(slot.dtype, self.compute_device)
+        if unit.p_buffer is not None:
+            if unit.p_future is not None:
+                unit.p_future.result()
+                unit.p_future = None
+            unit.p_buffer.release()
+            unit.p_buffer = None
+
+    def _start_state_read(self, unit: _Unit) -> None:
+        if unit.mv_bytes and unit.mv_buffer is None:
+            unit.mv_buffer = self.pool.acquire(unit.mv_bytes)
+            offset = unit.version_offsets[unit.version] + unit.p_bytes
+            unit.mv_future = self.store.read_span(offset, unit.mv_bytes, unit.mv_buffer)
+
+    def _start_grad_read(self, unit: _Unit) -> None:
+        if unit.state_bytes and unit.g_buffer is None and not self._first_microbatch:
+            unit.g_buffer = self.pool.acquire(unit.state_bytes)
+            unit.g_future = self.store.read_span(unit.grad_offset, unit.state_bytes, unit.g_buffer)
+
+    def _prefetch(self, order: Sequence[_Unit], after: _Unit) -> None:
+        if self.prefetch_depth <= 0 or after not in order:
+            return
+        position = order.index(after)
+        for unit in order[position + 1 : position + 1 + self.prefetch_depth]:
+            if unit.persistent:
+                continue
+            if not self._start_read(unit, blocking=False):
+                break
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+
+    def _enter(self, unit: _Unit) -> None:
+        unit.seen_in_forward = True
+        if self._phase == "backward" or unit.persistent:
+            return  # a non-checkpointed unit re-entered by recomputation of its parent
+        if not self._traced and unit not in self._trace:
+            self._trace.append(unit)
+        self._make_resident(unit)
+        self._prefetch(self._trace, unit)
+
+    def _exit(self, unit: _Unit, output) -> None:
+        if self._phase == "backward" or unit.persistent:
+            return
+        self._release(unit)
+        if self._phase == "forward" and torch.is_grad_enabled():
+            tensors = (
+                [output]
+                if isinstance(output, torch.Tensor)
+                else [t for t in _flatten(output) if isinstance(t, torch.Tensor)]
+            )
+            hooked = False
+            for tensor in tensors:
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda _grad, u=unit: self._before_backward(u))
+                    hooked = True
+                    break
+            if not hooked and unit.trainable:
+                logger.debug("unit %s produced no differentiable output", unit.name)
+
+    def _before_backward(self, unit: _Unit) -> None:
+        self._phase = "backward"
+        self._make_resident(unit)
+        if unit.trainable:
+            if self._last_microbatch:
+                self._start_state_read(unit)
+            self._start_grad_read(unit)
+        unit.pending = len(unit.trainable)
+        self._prefetch(self._backward_order, unit)
+
+    def _block_forward(self, unit: _Unit, original_forward: Callable) -> Callable:
+        engine = self
+        dummy = torch.empty(0, requires_grad=True)
+
+        def forward(hidden, *args, **kwargs):
+            engine._enter(unit)
+            try:
+                if (
+                    engine._phase == "forward"
+                    and torch.is_grad_enabled()
+                    and can_checkpoint(hidden, args, kwargs)
+                ):
+                    call = CheckpointedCall(
+                        original_forward,
+                        args,
+                        kwargs,
+                        make_stash=lambda tensor: engine._stash(unit, tensor),
+                        before_recompute=lambda: engine._before_backward(unit),
+                        after_backward=lambda: engine._after_block_backward(unit),
+                    )
+                    output = BlockCheckpoint.apply(call, hidden, dummy)
+                    if call.extras is not None:
+                        output = (output, *call.extras)
+                    engine._exit_block(unit)
+                    return output
+                output = original_forward(hidden, *args, **kwargs)
+            except BaseException:
+                engine._release(unit)
+                raise
+            engine._exit(unit, output)
+            return output
+
+        return forward
+
+    def _exit_block(self, unit: _Unit) -> None:
+        self._release(unit)
+
+    def _stash(self, unit: _Unit, tensor: torch.Tensor) -> StashedCheckpoint:
+        target = self.activation_targets.get(unit.index, self.default_activation_target)
+        if target == "nvme" and self.swapper is None:
+            target = "keep"
+        if target == "nvme":
+            num_blocks = sum(1 for u in self.units if u.is_block)
+            self.swapper.ensure(num_blocks, tensor.numel() * tensor.element_size())
+        stash = StashedCheckpoint(tensor, target, unit.index, self.swapper)
+        self._checkpoint_calls[unit.index] = stash
+        return stash
+
+    def _after_block_backward(self, unit: _Unit) -> None:
+        if not unit.trainable and unit.p_buffer is not None:
+            self._release(unit)
+        # Bring the checkpoint of the next block in backward order in from NVMe ahead of use.
+        order = self._backward_order
+        if unit in order:
+            position = order.index(unit)
+            for following in order[position + 1 :]:
+                stash = self._checkpoint_calls.get(following.index)
+                if stash is not None:
+                    stash.prefetch()
+                    break
+
+    def _grad_ready(self, unit: _Unit) -> None:
+        if unit.persistent:
+            return
+        unit.pending -= 1
+        if unit.pending == 0:
+            self._unit_backward_done(unit)
+
+    def _unit_backward_done(self, unit: _Unit) -> None:
+        """All of `unit`'s gradients are final for this micro-batch: move them off the device."""
+        grads: list[torch.Tensor | None] = []
+        for slot in unit.trainable:
+            grad = slot.param.grad
+            slot.param.grad = None
+            grads.append(None if grad is None else grad.detach().to("cpu"))
+        self._make_resident(unit)  # the persistent unit and stragglers may have been released
+        if not self._last_microbatch:
+            self._accumulate(unit, grads)
+            self._release(unit)
+            return
+        if not self._first_microbatch and unit.g_buffer is not None:
+            unit.g_future.result()
+            accumulated = []
+            for slot, grad in zip(unit.trainable, grads):
+                total = unit.g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape)
+                if grad is not None:
+                    total.add_(grad)
+                accumulated.append(total)
+            grads = accumulated
+        updated = [(slot, grad) for slot, grad in zip(unit.trainable, grads) if grad is not None]
+        for (slot, _), norm in zip(updated, parameter_norms([g for _, g in updated])):
+            self._norms[slot.index] = norm
+        self._hand_to_optimizer(unit, updated)
+
+    def _accumulate(self, unit: _Unit, grads: list[torch.Tensor | None]) -> None:
+        if not unit.state_bytes:
+            return
+        if self._first_microbatch:
+            buffer = self.pool.acquire(unit.state_bytes)
+            buffer.tensor.zero_()
+        else:
+            buffer = unit.g_buffer
+            unit.g_future.result()
+            unit.g_buffer = None
+        for slot, grad in zip(unit.trainable, grads):
+            if grad is None:
+                continue
+            total = buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape)
+            if self._first_microbatch:
+                total.copy_(grad)
+            else:
+                total.add_(grad)
+        future = self.store.write_span(unit.grad_offset, unit.state_bytes, buffer)
+        future.add_done_callback(lambda _f, b=buffer: b.release())
+        self._writes.append(future)
+
+    def _hand_to_optimizer(self, unit: _Unit, updated: list[tuple[_Slot, torch.Tensor]]) -> None:
+        p_buffer, mv_buffer, mv_future = unit.p_buffer, unit.mv_buffer, unit.mv_future
+        g_buffer = unit.g_buffer
+        unit.p_buffer = unit.mv_buffer = unit.mv_future = unit.g_buffer = unit.g_future = None
+        for slot in unit.slots:
+            slot.param.data = _placeholder(slot.dtype, self.compute_device)
+        unit.attached = False
+        if not updated:
+            for buffer in (p_buffer, mv_buffer, g_buffer):
+                if buffer is not None:
+                    buffer.release()
+            return
+        clip_coef, lr = self._clip_coef, self._lr
+        target = 1 - unit.version
+        self._job_slots.acquire()
+
+        def job():
+            try:
+                if mv_future is not None:
+                    mv_future.result()
+                grads = [grad for _, grad in updated]
+                if clip_coef is not None:
+                    torch._foreach_mul_(grads, clip_coef)
+                slots = [slot for slot, _ in updated]
+                self.optimizer.update(
+                    [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots],
+                    grads,
+                    [
+                        mv_buffer.view(torch.float32, s.state_offset, s.numel, s.shape)
+                        for s in slots
+                    ],
+                    [
+                        mv_buffer.view(
+                            torch.float32, unit.state_bytes + s.state_offset, s.numel, s.shape
+                        )
+                        for s in slots
+                    ],
+                    [self.param_steps[s.name] + 1 for s in slots],
+                    lr,
+                )
+                del grads
+                if g_buffer is not None:
+                    g_buffer.release()
+                offset = unit.version_offsets[target]
+                write_p = self.store.write_span(offset, unit.p_bytes, p_buffer)
+                write_p.add_done_callback(lambda _f: p_buffer.release())
+                write_mv = self.store.write_span(offset + unit.p_bytes, unit.mv_bytes, mv_buffer)
+                write_mv.add_done_callback(lambda _f: mv_buffer.release())
+                unit.updated_slots = slots
+                return [write_p, write_mv]
+            finally:
+                self._job_slots.release()
+
+        unit.written = True
+        self._jobs.append(self._optimizer_thread.submit(job))
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+
+    @property
+    def _backward_order(self) -> list[_Unit]:
+        return list(reversed(self._trace))
+
+    def train_step(self, micro_batches: Sequence[tuple], lr: float) -> dict:
+        """Forward, backward and AdamW over `micro_batches` (gradients averaged); see module doc."""
+        if not micro_batches:
+            raise ValueError("train_step needs at least one (inputs, targets) micro-batch")
+        start = time.perf_counter()
+        read_before, written_before = self.store.bytes_read, self.store.bytes_written
+        self._stats = {"wait_s": 0.0}
+        self._lr = float(lr)
+        loss, norm = self._run_pass(micro_batches, clip_coef=None)
+        decision = step_decision(norm, self.settings.grad_clip)
+        redone = False
+        if decision == "clip":
+            coefficient = clip_coefficient(norm, self.settings.grad_clip)
+            self._discard_speculative()
+            self._run_pass(micro_batches, clip_coef=coefficient)
+            redone = True
+        if decision == "skip":
+            self._discard_speculative()
+        else:
+            self._commit()
+        metrics = {
+            "loss": loss,
+            "grad_norm": float(norm),
+            "skipped": decision == "skip",
+            "clipped": decision == "clip",
+            "redone": redone,
+            "bytes_read": self.store.bytes_read - read_before,
+            "bytes_written": self.store.bytes_written - written_before,
+            "io_wait_s": self._stats["wait_s"],
+            "step_time_s": time.perf_counter() - start,
+            "pool_peak_bytes": self.pool.peak_bytes,
+        }
+        if self.swapper is not None:
+            metrics["activation_bytes_swapped"] = self.swapper.bytes_written
+        self.last_metrics = metrics
+        return metrics
+
+    def _run_pass(self, micro_batches, clip_coef):
+        self._clip_coef = clip_coef
+        self._norms = {}
+        self._num_microbatches = len(micro_batches)
+        total_loss = 0.0
+        persistent = [u for u in self.units if u.persistent]
+        try:
+            for position, (inputs, targets) in enumerate(micro_batches):
+                self._first_microbatch = position == 0
+                self._last_microbatch = position == len(micro_batches) - 1
+                for unit in persistent:
+                    self._make_resident(unit)
+                self._phase = "forward"
+                outputs = self.model(_to_device(inputs, self.compute_device))
+                loss = self.loss_fn(outputs, _to_device(targets, self.compute_device)) / len(
+                    micro_batches
+                )
+                del outputs
+                self._phase = "backward"
+                loss.backward()
+                self._traced = True
+                total_loss += float(loss.detach())
+                del loss
+                self._finish_backward()
+        finally:
+            self._phase = "idle"
+            self._checkpoint_calls.clear()
+        self._drain()
+        for unit in self.units:
+            if unit.provisional:
+                # The first step showed whether the unit's own forward runs; if it does, stream it.
+                unit.provisional = False
+                unit.persistent = not unit.seen_in_forward
+        ordered = [self._norms[index] for index in sorted(self._norms)]
+        return total_loss, total_norm(ordered)
+
+    def _finish_backward(self) -> None:
+        """Units whose gradients never all arrived (unused parameters, persistent unit)."""
+        for unit in self.units:
+            if unit.persistent:
+                if unit.trainable and self._last_microbatch:
+                    self._start_state_read(unit)
+                    self._start_grad_read(unit)
+                self._unit_backward_done(unit)
+            elif unit.p_buffer is not None:
+                if any(slot.param.grad is not None for slot in unit.trainable):
+                    if self._last_microbatch:
+                        self._start_state_read(unit)
+                    self._start_grad_read(unit)
+                    self._unit_backward_done(unit)
+                else:
+                    self._release_all(unit)
+
+    def _release_all(self, unit: _Unit) -> None:
+        self._release(unit)
+        for name in ("mv_buffer", "g_buffer"):
+            buffer = getattr(unit, name)
+            if buffer is not None:
+                future = getattr(unit, name.replace("buffer", "future"))
+                if future is not None:
+                    future.result()
+                buffer.release()
+                setattr(unit, name, None)
+                setattr(unit, name.replace("buffer", "future"), None)
+
+    def _drain(self) -> None:
+        start = time.perf_counter()
+        for job in self._jobs:
+            self._writes.extend(job.result())
+        self._jobs = []
+        for future in self._writes:
+            future.result()
+        self._writes = []
+        self._stats["wait_s"] += time.perf_counter() - start
+        for unit in self.units:
+            self._release_all(unit)
+
+    def _discard_speculative(self) -> None:
+        for unit in self.units:
+            unit.written = False
+            unit.updated_slots = []
+
+    def _commit(self) -> None:
+        for unit in self.units:
+            if unit.written:
+                unit.version = 1 - unit.version
+                for slot in getattr(unit, "updated_slots", []):
+                    self.param_steps[slot.name] += 1
+            unit.written = False
+            unit.updated_slots = []
+        self.step_count += 1
+
+    @torch.no_grad()
+    def run_forward(self, inputs):
+        """The model's output for `inputs` outside training (evaluation, generation)."""
+        try:
+            for unit in self.units:
+                if unit.persistent:
+                    self._make_resident(unit)
+            return self.model(_to_device(inputs, self.compute_device))
+        finally:
+            for unit in self.units:
+                self._release_all(unit)
+
+    # ------------------------------------------------------------------------------------------
+    # inspection, checkpoints, export
+
+    def _regions(self) -> list[tuple[str, _Slot, int, str]]:
+        """(entry name, slot, store offset, kind) for every tensor of the committed state."""
+        regions = []
+        for unit in self.units:
+            base = unit.version_offsets[unit.version]
+            for slot in unit.slots:
+                regions.append((f"param/{slot.name}", slot, base + slot.p_offset, "param"))
+            for slot in unit.trainable:
+                regions.append(
+                    (
+                        f"exp_avg/{slot.name}",
+                        slot,
+                        base + unit.p_bytes + slot.state_offset,
+                        "exp_avg",
+                    )
+                )
+                regions.append(
+                    (
+                        f"exp_avg_sq/{slot.name}",
+                        slot,
+                        base + unit.p_bytes + unit.state_bytes + slot.state_offset,
+                        "exp_avg_sq",
+                    )
+                )
+        return regions
+
+    def _layout(self) -> tuple[dict, list[tuple[int, int, int]]]:
+        entries, spans, offset = [], [], 0
+        for name, slot, store_offset, _ in self._regions():
+            dtype = str(slot.dtype).removeprefix("torch.")
+            entries.append(
+                {
+                    "name": name,
+                    "dtype": dtype,
+                    "shape": list(slot.shape),
+                    "offset": offset,
+                    "nbytes": slot.num_bytes,
+                }
+            )
+            spans.append((offset, slot.num_bytes, store_offset))
+            offset += slot.num_bytes
+        extra = {
+            "format": CHECKPOINT_FORMAT,
+            "step_count": self.step_count,
+            "param_steps": dict(self.param_steps),
+        }
+        return {"entries": entries, "total_bytes": offset, "extra": extra}, spans
+
+    def checkpoint_shards(self) -> Mapping[str, Shard]:
+        """The committed state as one streaming shard (call between steps)."""
+        if self._phase != "idle":
+            raise RuntimeError("checkpoint_shards() must be called between training steps")
+        layout, spans = self._layout()
+        store = self.store
+
+        def read_into(offset: int, target: memoryview) -> None:
+            target = memoryview(target).cast("B")
+            end = offset + len(target)
+            for start, length, store_offset in spans:
+                lo, hi = max(start, offset), min(start + length, end)
+                if lo < hi:
+                    store.pread(store_offset + lo - start, target[lo - offset : hi - offset])
+
+        return {"offload": Shard(layout, read_into)}
+
+    def load_checkpoint_shards(self, shards: Mapping) -> None:
+        """Restore the committed state from shards written by `checkpoint_shards`, streaming."""
+        if "offload" not in shards:
+            raise ValueError(f"checkpoint has no 'offload' shard (found: {sorted(shards)})")
+        shard = shards["offload"]
+        layout = shard.layout if isinstance(shard.layout, dict) else json.loads(shard.layout)
+        extra = layout.get("extra", {})
+        if extra.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"offload shard format {extra.get('format')!r} is not {CHECKPOINT_FORMAT!r}"
+            )
+        by_name = {entry["name"]: entry for entry in layout["entries"]}
+        regions = self._regions()
+        missing = [name for name, *_ in regions if name not in by_name]
+        if missing:
+            raise ValueError(f"offload checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        chunk = bytearray(
+            min(_CHECKPOINT_CHUNK_BYTES, max((s.num_bytes for _, s, _, _ in regions), default=1))
+        )
+        view = memoryview(chunk)
+        for name, slot, store_offset, _ in regions:
+            entry = by_name[name]
+            if tuple(entry["shape"]) != slot.shape or entry["dtype"] != str(
+                slot.dtype
+            ).removeprefix("torch."):
+                raise ValueError(
+                    f"checkpoint tensor {name} is {entry['dtype']}{entry['shape']}, the model has "
+                    f"{slot.dtype}{list(slot.shape)}"
+                )
+            done = 0
+            while done < slot.num_bytes:
+                length = min(len(chunk), slot.num_bytes - done)
+                shard.read_into(entry["offset"] + done, view[:length])
+                self.store.pwrite(store_offset + done, view[:length])
+                done += length
+        self.step_count = int(extra.get("step_count", 0))
+        self.param_steps.update({k: int(v) for k, v in extra.get("param_steps", {}).items()})
+
+    @torch.no_grad()
+    def gather_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter as a host tensor (loads the whole model: tests and small models only)."""
+        result = {}
+        for name, slot, store_offset, _ in self._regions():
+            if name.startswith("param/"):
+                target = torch.empty(slot.shape, dtype=slot.dtype)
+                self.store.pread(
+                    store_offset, memoryview(target.view(-1).view(torch.uint8).numpy())
+                )
+                result[slot.name] = target
+        return result
+
+    def export_safetensors(
+        self, path: str | os.PathLike, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Write the committed parameters as one safetensors file, one tensor in memory at a time."""
+        dtype_codes = {
+            torch.float32: "F32",
+            torch.bfloat16: "BF16",
+            torch.float16: "F16",
+            torch.int64: "I64",
+        }
+        params = [(slot, off) for name, slot, off, kind in self._regions() if kind == "param"]
+        header, offset = {}, 0
+        for slot, _ in params:
+            header[slot.name] = {
+                "dtype": dtype_codes[slot.dtype],
+                "shape": list(slot.shape),
+                "data_offsets": [offset, offset + slot.num_bytes],
+            }
+            offset += slot.num_bytes
+        if metadata:
+            header["__metadata__"] = metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        temporary = f"{path}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(len(encoded).to_bytes(8, "little"))
+            handle.write(encoded)
+            chunk = bytearray(_CHECKPOINT_CHUNK_BYTES)
+            view = memoryview(chunk)
+            for slot, store_offset in params:
+                done = 0
+                while done < slot.num_bytes:
+                    length = min(len(chunk), slot.num_bytes - done)
+                    self.store.pread(store_offset + done, view[:length])
+                    handle.write(view[:length])
+                    done += length
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    def describe(self) -> dict:
+        return {
+            "num_units": len(self.units),
+            "num_blocks": sum(u.is_block for u in self.units),
+            "state_bytes": self.store.capacity_bytes,
+            "pool_budget_bytes": self.pool_budget_bytes,
+            "baseline_rss_bytes": self.baseline_rss_bytes,
+            "aio_backend": self.aio.name,
+            "optimizer_kernel": self.optimizer.kernel,
+            "prefetch_depth": self.prefetch_depth,
+        }
+
+    def _remove_directory(self) -> None:
+        if self.nvme_directory and os.path.isdir(self.nvme_directory):
+            shutil.rmtree(self.nvme_directory, ignore_errors=True)
+
+    def close(self) -> None:
+        """Free buffers and remove the NVMe files (the durable checkpoint is elsewhere)."""
+        self._optimizer_thread.shutdown(wait=True)
+        if self.swapper is not None:
+            self.swapper.close()
+        self.pool.close()
+        self.store.close(remove=True)
+        self.aio.close()
+        self.optimizer.close()
+        self._remove_directory()
+
+
+def _flatten(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _flatten(item)
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _flatten(item)
+    elif hasattr(value, "to_tuple"):
+        yield from _flatten(value.to_tuple())
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _default_init(name: str, tensor: torch.Tensor) -> None:
+    """Initialisation for parameters built on the meta device: gains 1, others N(0, 0.02)."""
+    if tensor.dim() == 1:
+        if name.endswith("bias"):
+            tensor.zero_()
+        else:
+            tensor.fill_(1.0)
+        return
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    tensor.normal_(0.0, 0.02, generator=generator)

@@ -1,0 +1,104 @@
+"""Shared pieces of the offload tests: tiny models, data, the in-memory reference loop."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stalwart.config import OffloadConfig, OptimConfig
+from stalwart.models.gpt import GPT, GPTConfig
+
+
+def logits_of(outputs) -> torch.Tensor:
+    return outputs.logits if hasattr(outputs, "logits") else outputs
+
+
+def lm_loss(outputs, targets) -> torch.Tensor:
+    logits = logits_of(outputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def tiny_gpt(depth: int = 2, seed: int = 0, **overrides) -> GPT:
+    return GPT(GPTConfig(context_length=16, depth=depth, seed=seed, **overrides))
+
+
+def tiny_llama(seed: int = 0):
+    transformers = __import__("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).float()
+
+
+def batches(
+    num_steps: int, num_micro: int, vocab: int, batch: int = 2, length: int = 12, seed: int = 0
+):
+    generator = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(num_steps):
+        micro = []
+        for _ in range(num_micro):
+            tokens = torch.randint(0, vocab, (batch, length + 1), generator=generator)
+            micro.append((tokens[:, :-1], tokens[:, 1:]))
+        steps.append(micro)
+    return steps
+
+
+def optim_config(grad_clip: float = 1.0, lr: float = 1e-2) -> OptimConfig:
+    return OptimConfig(
+        lr=lr, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=grad_clip
+    )
+
+
+def offload_config(tmp_path, device: str = "nvme", **overrides) -> OffloadConfig:
+    values = dict(device=device, max_host_memory_gb=4.0, buffer_count=3)
+    if device == "nvme":
+        values["nvme_path"] = str(tmp_path)
+    values.update(overrides)
+    return OffloadConfig(**values)
+
+
+def reference_train(model, steps, optim: OptimConfig, lrs) -> list[dict]:
+    """The same steps in memory: mean loss over micro-batches, clip_grad_norm_, fused AdamW."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lrs[0],
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        fused=True,
+    )
+    history = []
+    for micro_batches, lr in zip(steps, lrs):
+        total = 0.0
+        for inputs, targets in micro_batches:
+            loss = lm_loss(model(inputs), targets) / len(micro_batches)
+            loss.backward()
+            total += float(loss)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"loss": total, "grad_norm": float(norm)})
+    return history
+
+
+def named_parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
