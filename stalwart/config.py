@@ -205,11 +205,18 @@ class AioConfig(Section):
 
 class OffloadConfig(Section):
     device: Literal["none", "cpu", "nvme"] = "none"
-    nvme_path: str | None = None
-    max_host_memory_gb: float = Field(4.0, gt=0)
+    nvme_path: str | None = Field(None, description="existing directory on a fast local SSD")
+    max_host_memory_gb: float = Field(4.0, gt=0, description="hard cap on the process's host memory")
     max_device_memory_gb: float = Field(0.0, ge=0, description="0 = no device budget")
     pin_memory: bool = True
-    buffer_count: int = Field(4, ge=1)
+    buffer_count: int = Field(4, ge=1, description="parameter buffers in flight (prefetch depth + 1)")
+    prefetch_depth: int | None = Field(None, ge=0, description="None = chosen by the planner")
+    activation_swap: Literal["auto", "keep", "host", "nvme"] = Field(
+        "auto", description="where block checkpoints live; auto = the planner decides per block"
+    )
+    optimizer_kernel: Literal["auto", "deepspeed", "torch"] = Field(
+        "auto", description="auto = DeepSpeed CPU Adam when it builds, else torch's fused AdamW"
+    )
     aio: AioConfig = Field(default_factory=AioConfig)
 
     @model_validator(mode="after")
