@@ -227,8 +227,53 @@ class OffloadConfig(Section):
 
 
 class QuantConfig(Section):
-    recipe: str = "bf16"
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Low-precision recipe (stalwart.quant.recipes) plus per-GEMM overrides; docs/quant.md."""
+
+    recipe: str = Field(
+        "bf16",
+        description="bf16 (no conversion), mxfp8, mxint8, mxfp4, nvfp4, nvint4_rht, fp4_ue5m3, "
+        "fp8_tensorwise",
+    )
+    forward: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides for Y = X W^T: QuantSpec fields for both operands, "
+        "hadamard_size, or 'input' / 'weight': {field: value}",
+    )
+    dgrad: dict[str, Any] = Field(
+        default_factory=dict, description="overrides for dX = dY W ('grad_output' / 'weight')"
+    )
+    wgrad: dict[str, Any] = Field(
+        default_factory=dict, description="overrides for dW = dY^T X ('grad_output' / 'input')"
+    )
+    keep_modules: list[str] | None = Field(
+        None, description="fnmatch patterns of module names kept in high precision; None = lm_head"
+    )
+    keep_first_blocks: int | None = Field(
+        None, ge=0, description="the first N transformer blocks stay in high precision"
+    )
+    keep_last_blocks: int | None = Field(
+        None, ge=0, description="the last N transformer blocks stay in high precision"
+    )
+    native_fp8: bool = Field(
+        True, description="torch._scaled_mm for FP8 tensor-scaled GEMMs on capable GPUs"
+    )
+    seed: int = Field(0, ge=0, description="seeds stochastic rounding (per layer and call)")
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_known(cls, value: str) -> str:
+        from stalwart.quant.recipes import RECIPE_NAMES
+
+        if value not in RECIPE_NAMES:
+            raise ValueError(f"unknown recipe {value!r}; allowed: {', '.join(RECIPE_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _overrides_resolve(self) -> QuantConfig:
+        from stalwart.quant.recipes import recipe_from_config
+
+        recipe_from_config(self)  # raises ValueError naming the bad key and the allowed values
+        return self
 
 
 class RLConfig(Section):

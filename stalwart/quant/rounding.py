@@ -1,0 +1,119 @@
+"""Rounding onto a power-of-two grid spacing: round-to-nearest-even and stochastic rounding.
+
+Both work on non-negative magnitudes (the callers restore the sign), given the grid spacing
+`ulp` around each value (a power of two: a Python float for integer formats, a tensor for
+minifloats). Everything is vectorised torch, on CPU and CUDA alike.
+
+Round-to-nearest-even uses the magic-constant trick: adding c = 1.5 * 2^23 * ulp moves the value
+into a binade whose fp32 spacing is exactly `ulp`, so the FPU's own round-to-nearest-even does
+the work; subtracting c is exact. Two elementwise ops instead of divide/round/multiply.
+
+Stochastic rounding rounds up with probability equal to the fractional distance to the lower
+neighbour, resolved with `num_random_bits` random bits per element (8 by default: the width of
+Blackwell's cvt.rs and of the UE5M3 recipe). With r uniform in [0, 2^n) the value rounds up iff
+    frac + (2r + 1) / 2^(n+1) >= 1,
+a centred dither: the expectation equals the input exactly when frac is a multiple of 2^-n and
+is off by at most 2^-(n+1) ulp otherwise (plain truncation of the random bits would be biased
+downwards by up to 2^-n ulp). The comparison is done on the exact fraction, so no fp32 rounding
+enters the decision. The result is always one of the two neighbouring grid values.
+
+Random bits come from an explicit, seedable torch.Generator (`draw_random_bits`), so a run
+that re-seeds the same way draws the same bits (see recipes.py for how seeds are derived).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ROUNDING_MODES",
+    "round_half_even_to_ulp_",
+    "add_sub_magic_",
+    "stochastic_round_to_ulp_",
+    "draw_random_bits",
+    "make_generator",
+    "mix_seed",
+]
+
+ROUNDING_MODES = ("nearest", "stochastic")
+MAX_RANDOM_BITS = 16
+MAGIC = 1.5 * 2.0**23
+
+
+def round_half_even_to_ulp_(values: torch.Tensor, ulp: torch.Tensor | float) -> torch.Tensor:
+    """Round float32 `values` to the nearest multiple of `ulp`, ties to even, in place.
+
+    A tensor `ulp` is consumed (overwritten). Valid while |values| < 2^21 * ulp; works for
+    negative values too (a negative value that rounds to zero gives +0)."""
+    magic = ulp.mul_(MAGIC) if isinstance(ulp, torch.Tensor) else ulp * MAGIC
+    return add_sub_magic_(values, magic)
+
+
+def add_sub_magic_(values: torch.Tensor, magic: torch.Tensor | float) -> torch.Tensor:
+    """values = (values + magic) - magic with magic = 1.5 * 2^23 * ulp: the fp32 addition lands
+    in a binade whose spacing is exactly ulp, so the FPU rounds to nearest even for us."""
+    return values.add_(magic).sub_(magic)
+
+
+def stochastic_round_to_ulp_(
+    magnitude: torch.Tensor,
+    ulp: torch.Tensor | float,
+    random_bits: torch.Tensor | None,
+    num_random_bits: int = 8,
+) -> torch.Tensor:
+    """Round non-negative float32 `magnitude` down or up to a multiple of `ulp` at random, in
+    place: up with probability ~ the fractional part (see the module docstring)."""
+    if random_bits is None:
+        raise ValueError("stochastic rounding needs random_bits (see draw_random_bits)")
+    if random_bits.shape != magnitude.shape:
+        raise ValueError(
+            f"random_bits shape {tuple(random_bits.shape)} must match the values' shape "
+            f"{tuple(magnitude.shape)}"
+        )
+    scaled = magnitude.div_(ulp)  # exact: ulp is a power of two
+    lower = torch.floor(scaled)
+    fraction = scaled.sub_(lower)
+    # threshold = 1 - (2r + 1) / 2^(n+1), exact in fp32 for n <= 16
+    threshold = random_bits.to(torch.float32).mul_(-2.0).add_(2.0 ** (num_random_bits + 1) - 1.0)
+    threshold.mul_(2.0 ** -(num_random_bits + 1))
+    round_up = torch.ge(fraction, threshold)
+    lower.add_(round_up)
+    # NaN inputs: floor(NaN) is NaN and stays NaN through the add
+    return magnitude.copy_(lower.mul_(ulp))
+
+
+def draw_random_bits(
+    shape: torch.Size | tuple[int, ...],
+    num_random_bits: int,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Integers uniform in [0, 2^num_random_bits), one per element (uint8 when they fit)."""
+    if not 1 <= num_random_bits <= MAX_RANDOM_BITS:
+        raise ValueError(
+            f"num_random_bits must be in 1..{MAX_RANDOM_BITS} (8 is the hardware width), "
+            f"got {num_random_bits}"
+        )
+    dtype = torch.uint8 if num_random_bits <= 8 else torch.int32
+    return torch.randint(
+        0, 1 << num_random_bits, tuple(shape), generator=generator, device=device, dtype=dtype
+    )
+
+
+def mix_seed(*values: int) -> int:
+    """Combine integers into one 63-bit seed (splitmix64 finaliser over each value), so
+    per-layer / per-call / per-operand streams are independent yet reproducible."""
+    state = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for value in values:
+        state = (state ^ (int(value) & mask)) * 0xBF58476D1CE4E5B9 & mask
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & mask
+        state ^= state >> 29
+    return state & ((1 << 63) - 1)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
