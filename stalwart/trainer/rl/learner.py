@@ -1,0 +1,226 @@
+"""The RL learner: policy + optimizer, one policy-gradient step per batch of scored groups.
+
+Its whole state is small and explicit (`state()` / `load_state()`): model parameters, AdamW
+moments, the schedule position, the weights version and the count of supervised warm-up steps.
+`state()` returns it as one flat buffer plus JSON layout (the snapshot layout), so whoever holds
+that buffer outside this process (the driver today, the snapshot manager in a multi-rank job)
+can rebuild an identical learner; stepping the rebuilt learner on the same batch gives
+bit-identical weights.
+
+A step: optionally drop zero-variance groups (identical rewards teach nothing; not resampled),
+compute advantages (group mean baseline, group or batch std), recompute the sampled tokens'
+log-probabilities under the current weights, apply the configured loss (GRPO, DAPO, CISPO) and
+aggregation, clip gradients, step AdamW. The version increases by one every step, also when
+filtering left nothing to learn from, so versions count learner steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from stalwart.config import RunConfig
+from stalwart.data.tokenizer import ByteTokenizer
+from stalwart.trainer.optim import WarmupCosine, build_optimizer
+from stalwart.trainer.rl.losses import (
+    LossSettings,
+    group_advantages,
+    policy_loss,
+    zero_variance_groups,
+)
+from stalwart.trainer.rl.packing import Packed, pack, pack_model, unpack
+from stalwart.trainer.rl.rollout import build_policy, train_problems
+from stalwart.trainer.rl.sampling import sequence_logprobs
+
+
+def loss_settings(config: RunConfig) -> LossSettings:
+    rl = config.rl
+    return LossSettings(
+        name=rl.loss,
+        aggregation=rl.aggregation,
+        clip_eps=rl.clip_eps,
+        clip_eps_low=rl.clip_eps_low,
+        clip_eps_high=rl.clip_eps_high,
+        cispo_eps_max=rl.cispo_eps_max,
+    )
+
+
+def collate(groups: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Stack groups of different completion lengths into one right-padded batch."""
+    width = max(g["tokens"].shape[1] for g in groups)
+
+    def padded(key: str, fill) -> torch.Tensor:
+        parts = []
+        for g in groups:
+            array = g[key]
+            pad = np.full((array.shape[0], width - array.shape[1]), fill, dtype=array.dtype)
+            parts.append(np.concatenate([array, pad], axis=1))
+        return torch.from_numpy(np.concatenate(parts))
+
+    return {
+        "prompts": [g["prompt_ids"] for g in groups for _ in range(g["tokens"].shape[0])],
+        "tokens": padded("tokens", pad_token_id).long(),
+        "token_mask": padded("token_mask", False).bool(),
+        "loss_mask": padded("loss_mask", False).bool(),
+        "logprobs": padded("logprobs", 0.0).float(),
+        "rewards": torch.from_numpy(np.concatenate([g["rewards"] for g in groups])).float(),
+        "group_ids": torch.cat(
+            [torch.full((g["tokens"].shape[0],), i) for i, g in enumerate(groups)]
+        ),
+    }
+
+
+class RLLearner:
+    def __init__(self, config: RunConfig, state: Packed | None = None):
+        torch.set_num_threads(config.rl.learner_num_threads)
+        self.config = config
+        self.tokenizer = ByteTokenizer()
+        self.model = build_policy(config)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, config.optim)
+        # RL runs at a constant learning rate after a linear warm-up (ScaleRL, verl, TRL).
+        self.schedule = WarmupCosine(
+            self.optimizer,
+            peak_lr=config.optim.lr,
+            warmup_steps=config.optim.warmup_steps,
+            max_steps=config.trainer.max_steps,
+            min_lr_ratio=1.0,
+        )
+        self.settings = loss_settings(config)
+        self.version = 0
+        self.num_sft_steps = 0
+        if state is not None:
+            self.load_state(state)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def weights(self) -> Packed:
+        return pack_model(self.model, self.version)
+
+    def state(self) -> Packed:
+        optimizer_state = self.optimizer.state_dict()
+        tree = {
+            "model": {k: v.detach() for k, v in self.model.state_dict().items()},
+            "optimizer": {
+                # JSON keys are strings: parameter indices become "0", "1", ...
+                "state": {str(k): v for k, v in optimizer_state["state"].items()},
+                "param_groups": [
+                    {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+                    for group in optimizer_state["param_groups"]
+                ],
+            },
+            "schedule": self.schedule.state_dict(),
+            "version": self.version,
+            "num_sft_steps": self.num_sft_steps,
+        }
+        return pack(tree, self.version)
+
+    def load_state(self, packed: Packed) -> None:
+        tree = unpack(packed)
+        self.model.load_state_dict(tree["model"])
+        optimizer_state = {
+            "state": {int(k): v for k, v in tree["optimizer"]["state"].items()},
+            "param_groups": [
+                {k: tuple(v) if k == "betas" else v for k, v in group.items()}
+                for group in tree["optimizer"]["param_groups"]
+            ],
+        }
+        self.optimizer.load_state_dict(optimizer_state)
+        self.schedule.load_state_dict(tree["schedule"])
+        self.version = int(tree["version"])
+        self.num_sft_steps = int(tree["num_sft_steps"])
+
+    # -- supervised warm-up ----------------------------------------------------------------------
+
+    def warmup(self, num_steps: int) -> dict[str, float]:
+        """Teacher-forced training on "prompt answer<EOS>" (loss on the answer tokens): a policy
+        that already solves some problems, as RL starts from a pretrained model."""
+        rl = self.config.rl
+        problems = train_problems(self.config)
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=rl.warmup_sft_lr, weight_decay=0.0
+        )
+        rng = np.random.default_rng([self.config.trainer.seed, 0x5F7])
+        eos = self.tokenizer.eos_id
+        start = time.perf_counter()
+        losses = []
+        for step in range(num_steps):
+            lr = rl.warmup_sft_lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / max(1, num_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            chosen = [problems[i] for i in rng.integers(0, len(problems), rl.warmup_sft_batch_size)]
+            prompts = [self.tokenizer.encode(p.prompt) for p in chosen]
+            targets = [self.tokenizer.encode(p.answer) + [eos] for p in chosen]
+            width = max(len(t) for t in targets)
+            tokens = torch.full((len(targets), width), self.tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(targets), width), dtype=torch.bool)
+            for row, target in enumerate(targets):
+                tokens[row, : len(target)] = torch.tensor(target)
+                mask[row, : len(target)] = True
+            logprobs = sequence_logprobs(self.model, prompts, tokens, mask)
+            loss = -(logprobs.sum() / mask.sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        self.num_sft_steps += num_steps
+        return {
+            "sft_steps": float(num_steps),
+            "sft_final_loss": float(np.mean(losses[-10:])) if losses else 0.0,
+            "sft_time_s": time.perf_counter() - start,
+        }
+
+    # -- RL step ---------------------------------------------------------------------------------
+
+    def step(self, groups: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step on a batch of scored groups; returns metrics."""
+        start = time.perf_counter()
+        rl = self.config.rl
+        metrics: dict[str, float] = {
+            "num_groups": float(len(groups)),
+            "reward_mean": float(np.mean(np.concatenate([g["rewards"] for g in groups]))),
+        }
+        if rl.zero_variance_filter:
+            kept = [g for g in groups if np.ptp(g["rewards"]) > 0]
+            metrics["num_zero_variance_groups"] = float(len(groups) - len(kept))
+            groups = kept
+        if groups:
+            batch = collate(groups, self.tokenizer.pad_id)
+            advantages = group_advantages(batch["rewards"], batch["group_ids"], rl.advantage_norm)
+            logprobs = sequence_logprobs(
+                self.model,
+                batch["prompts"],
+                batch["tokens"],
+                batch["token_mask"],
+                temperature=rl.temperature,
+                pad_token_id=self.tokenizer.pad_id,
+            )
+            output = policy_loss(
+                logprobs,
+                batch["logprobs"],
+                advantages,
+                batch["loss_mask"],
+                batch["group_ids"],
+                self.settings,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            if self.config.optim.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), self.config.optim.grad_clip
+                )
+                metrics["grad_norm"] = float(norm)
+            self.optimizer.step()
+            metrics.update(output.metrics)
+            metrics["zero_variance_fraction"] = float(
+                zero_variance_groups(batch["rewards"], batch["group_ids"]).float().mean()
+            )
+        self.schedule.step()
+        self.version += 1
+        metrics["version"] = float(self.version)
+        metrics["learner_step_s"] = time.perf_counter() - start
+        return metrics

@@ -1,0 +1,99 @@
+"""The bookkeeping of the asynchronous RL pipeline (PipelineRL-k), free of Ray so it is testable.
+
+Versions: the learner's weights start at version 0 and step s turns version s into s + 1. A
+group generated with version v and consumed by step s has staleness s - v. The bound is
+``staleness <= k`` (``rl.max_staleness``).
+
+Dispatch rule (`StalenessGate`): groups are consumed in the order they were dispatched, B per
+step (B = ``rl.prompts_per_step``). A new chunk dispatched now, with the newest published
+version v, lands behind every group already buffered or in flight, so it will be consumed by
+step ``s_next + pending // B`` where ``s_next`` is the next step to start. It may be dispatched
+only if that step minus v is at most k. Generation therefore runs ahead of the learner by up to
+k versions, and the learner waits (no data) when it would get further ahead. With k = 0 nothing
+is generated while the learner steps, and every group is consumed by the step of the version
+that generated it: exactly on-policy. Chunks never straddle two batches, so the prediction is
+exact; zero-variance filtering only makes consumption earlier, never later.
+
+`PromptPool` hands out training prompts in a seeded order, takes back the prompts of a lost
+rollout actor (they go first), keeps each prompt's running pass rate, and with
+no-positive-resampling permanently retires prompts whose pass rate reaches the threshold.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class StalenessGate:
+    max_staleness: int
+    groups_per_step: int
+    num_steps: int
+
+    def chunk_size(
+        self, next_step: int, pending_groups: int, published_version: int, limit: int
+    ) -> int:
+        """How many prompts may be dispatched now (0: wait)."""
+        consume_step = next_step + pending_groups // self.groups_per_step
+        if consume_step >= self.num_steps:
+            return 0  # every remaining step already has its groups
+        if consume_step - published_version > self.max_staleness:
+            return 0
+        room_in_batch = self.groups_per_step - pending_groups % self.groups_per_step
+        return min(limit, room_in_batch)
+
+
+@dataclass
+class PromptPool:
+    problems: list[Any]  # objects with .prompt and .answer
+    seed: int = 0
+    retire_pass_rate: float | None = None  # None: keep every prompt (no NPR)
+    min_samples_to_retire: int = 1
+    _order: deque = field(default_factory=deque, init=False)
+    _requeued: deque = field(default_factory=deque, init=False)
+    _epoch: int = field(default=0, init=False)
+    num_correct: dict = field(default_factory=dict, init=False)
+    num_seen: dict = field(default_factory=dict, init=False)
+    retired: set = field(default_factory=set, init=False)
+
+    def _refill(self) -> None:
+        rng = np.random.default_rng([self.seed, self._epoch])
+        self._epoch += 1
+        self._order.extend(int(i) for i in rng.permutation(len(self.problems)))
+
+    def take(self, num: int) -> list[dict[str, Any]]:
+        tasks = []
+        while len(tasks) < num:
+            if self._requeued:
+                index = self._requeued.popleft()
+            else:
+                if not self._order:
+                    if len(self.retired) >= len(self.problems):
+                        raise RuntimeError(
+                            "no-positive-resampling retired every training prompt; lower "
+                            "rl.positive_pass_rate or add data (data.num_examples)"
+                        )
+                    self._refill()
+                index = self._order.popleft()
+                if index in self.retired:
+                    continue
+            problem = self.problems[index]
+            tasks.append({"problem_id": index, "prompt": problem.prompt, "answer": problem.answer})
+        return tasks
+
+    def requeue(self, tasks: list[dict[str, Any]]) -> None:
+        """Prompts of a lost rollout: they are generated next, in their original order."""
+        self._requeued.extendleft(t["problem_id"] for t in reversed(tasks))
+
+    def record(self, problem_id: int, rewards: np.ndarray) -> None:
+        correct = float(np.sum(np.asarray(rewards) > 0))
+        self.num_correct[problem_id] = self.num_correct.get(problem_id, 0.0) + correct
+        self.num_seen[problem_id] = self.num_seen.get(problem_id, 0) + len(rewards)
+        if self.retire_pass_rate is None or self.num_seen[problem_id] < self.min_samples_to_retire:
+            return
+        if self.num_correct[problem_id] / self.num_seen[problem_id] >= self.retire_pass_rate:
+            self.retired.add(problem_id)
