@@ -83,8 +83,8 @@ def job_id():
     shm.remove_regions(shm.job_prefix(job))
 
 
-def make_trainer(tmp_path) -> Trainer:
-    return Trainer(load_config(overrides=TINY), run_dir=tmp_path)
+def make_trainer(tmp_path, device: str = "cpu") -> Trainer:
+    return Trainer(load_config(overrides=[*TINY, f"trainer.device={device}"]), run_dir=tmp_path)
 
 
 def cloned_state(trainer: Trainer):
@@ -98,10 +98,12 @@ def assert_tensors_equal(left, right) -> None:
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
-def test_resume_from_snapshot_continues_bit_identical(tmp_path, job_id):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_from_snapshot_continues_bit_identical(tmp_path, job_id, device):
+    """CUDA: D2H copies on a side stream into the page-locked region; CPU: the thread copy."""
     snapshot_step, more_steps = 3, 4
     manager = FakeManager(job_id)
-    first = make_trainer(tmp_path)
+    first = make_trainer(tmp_path, device)
     agent = SnapshotAgent(first, manager, rank=0, every_steps=3, num_threads=2)
     for _ in range(snapshot_step):
         first.train_step()
@@ -118,7 +120,7 @@ def test_resume_from_snapshot_continues_bit_identical(tmp_path, job_id):
     assert manager.calls.count("register") == 1
 
     region_name, layout_json, checksums = manager.record(snapshot_step)
-    second = make_trainer(tmp_path)
+    second = make_trainer(tmp_path, device)
     assert not torch.equal(
         dict(second.named_local_parameters())["blocks.0.attn.wq.weight"],
         dict(first.named_local_parameters())["blocks.0.attn.wq.weight"],
