@@ -26,6 +26,7 @@ import numpy as np
 import xxhash
 
 from stalwart.data.dataset import (
+    DEFAULT_COMPRESSION,
     DEFAULT_ROWS_PER_GROUP,
     DEFAULT_TOKENS_PER_GROUP,
     TokenParquetWriter,
@@ -245,7 +246,7 @@ def write_synthetic_parquet(
     mean_document_tokens: int = 512,
     rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
     tokens_per_group: int = DEFAULT_TOKENS_PER_GROUP,
-    compression: str = "none",
+    compression: str = DEFAULT_COMPRESSION,
 ) -> Path:
     """Uniformly random ids in 0..num_token_values-1 in documents of random length.
 

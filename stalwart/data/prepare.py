@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from stalwart.data.dataset import (
+    DEFAULT_COMPRESSION,
     DEFAULT_ROWS_PER_GROUP,
     DEFAULT_TOKENS_PER_GROUP,
     TokenParquetWriter,
@@ -191,7 +192,7 @@ def prepare(
     *,
     text_documents: str = "file",
     tokens_per_group: int = DEFAULT_TOKENS_PER_GROUP,
-    compression: str = "none",
+    compression: str = DEFAULT_COMPRESSION,
 ) -> PrepareSummary:
     """Tokenize text/JSONL/Parquet-text inputs into one token Parquet file at `output`."""
     output = Path(output)
@@ -269,8 +270,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--compression",
         choices=COMPRESSIONS,
-        default="none",
-        help="Parquet compression (none reads fastest; zstd saves disk)",
+        default=DEFAULT_COMPRESSION,
+        help="Parquet compression on top of delta bit-packing (zstd: smaller, ~5%% slower reads)",
     )
     return parser
 

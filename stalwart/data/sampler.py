@@ -16,7 +16,9 @@ slice of the global batch it loads. Hence:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -85,6 +87,24 @@ class ResumableSampler:
 
     def next_indices(self, global_batch_size: int, rank: int, world_size: int) -> list[int]:
         """This rank's contiguous slice of the next global batch; advances the shared cursor."""
+        return self._rank_slice(self, global_batch_size, rank, world_size)
+
+    def peek_indices(
+        self, global_batch_size: int, rank: int, world_size: int, ahead: int = 1
+    ) -> list[int]:
+        """What `next_indices` will return `ahead` calls from now, without moving the cursor
+        (for prefetching)."""
+        if ahead < 1:
+            raise ValueError(f"ahead must be >= 1, got {ahead}")
+        lookahead = copy.copy(self)  # shares the cached permutation, which is never mutated
+        for _ in range(ahead - 1):
+            lookahead.next_global_batch(global_batch_size)
+        return self._rank_slice(lookahead, global_batch_size, rank, world_size)
+
+    @staticmethod
+    def _rank_slice(
+        sampler: ResumableSampler, global_batch_size: int, rank: int, world_size: int
+    ) -> list[int]:
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -95,7 +115,7 @@ class ResumableSampler:
                 f"{world_size}; make trainer.batch_size a multiple of the number of ranks"
             )
         per_rank = global_batch_size // world_size
-        batch = self.next_global_batch(global_batch_size)
+        batch = sampler.next_global_batch(global_batch_size)
         return batch[rank * per_rank : (rank + 1) * per_rank].tolist()
 
     # -- state -------------------------------------------------------------------------------
@@ -138,6 +158,12 @@ class ResumableSampler:
         )
 
 
+def _load_windows(dataset, indices: list[int]) -> torch.Tensor:
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(indices)
+    return torch.stack([dataset[index] for index in indices])
+
+
 def batches(
     dataset,
     sampler: ResumableSampler,
@@ -146,28 +172,52 @@ def batches(
     world_size: int = 1,
     *,
     num_batches: int | None = None,
+    prefetch: bool = False,
     pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield this rank's `(inputs, targets)`, each [batch_size_per_rank, context_length] int64.
 
-    Endless unless `num_batches` is given. Each batch advances the sampler by one global batch
-    when it is produced, so `sampler.state_dict()` taken after consuming N batches resumes at
-    batch N + 1. `dataset` needs `get_batch(indices)` (or `__getitem__`) returning windows of
-    `context_length + 1` tokens.
+    Endless unless `num_batches` is given. The sampler advances by one global batch each time
+    a batch is handed out, so `sampler.state_dict()` taken after consuming N batches resumes
+    at batch N + 1. `dataset` needs `get_batch(indices)` (or `__getitem__`) returning windows
+    of `context_length + 1` tokens.
+
+    `prefetch=True` reads the next batch on a background thread while the caller computes.
+    It peeks at the sampler instead of advancing it, so the resume guarantee is unchanged; if
+    the sampler is moved by someone else meanwhile (a state load), the peeked batch is
+    discarded. The dataset must not be read by others while this iterator is alive.
     """
     if not isinstance(batch_size_per_rank, int) or batch_size_per_rank < 1:
         raise ValueError(f"batch_size_per_rank must be a positive int, got {batch_size_per_rank!r}")
+    if pin_memory and not torch.cuda.is_available():
+        raise ValueError("batches(pin_memory=True) needs a CUDA device; pass pin_memory=False")
     global_batch_size = batch_size_per_rank * world_size
+    executor = ThreadPoolExecutor(1, thread_name_prefix="stalwart-prefetch") if prefetch else None
+    pending = None  # (indices, future) of the batch being read ahead
     produced = 0
-    while num_batches is None or produced < num_batches:
-        indices = sampler.next_indices(global_batch_size, rank, world_size)
-        if hasattr(dataset, "get_batch"):
-            windows = dataset.get_batch(indices)
-        else:
-            windows = torch.stack([dataset[index] for index in indices])
-        inputs = windows[:, :-1].contiguous()
-        targets = windows[:, 1:].contiguous()
-        if pin_memory:
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        produced += 1
-        yield inputs, targets
+    try:
+        while num_batches is None or produced < num_batches:
+            indices = sampler.next_indices(global_batch_size, rank, world_size)
+            windows = None
+            if pending is not None:
+                peeked, future = pending
+                pending = None
+                loaded = future.result()  # always wait: the dataset is not thread-safe
+                if peeked == indices:
+                    windows = loaded
+            if windows is None:
+                windows = _load_windows(dataset, indices)
+            produced += 1
+            if executor is not None and (num_batches is None or produced < num_batches):
+                upcoming = sampler.peek_indices(global_batch_size, rank, world_size)
+                pending = (upcoming, executor.submit(_load_windows, dataset, upcoming))
+            inputs = windows[:, :-1].contiguous()
+            targets = windows[:, 1:].contiguous()
+            if pin_memory:
+                inputs, targets = inputs.pin_memory(), targets.pin_memory()
+            yield inputs, targets
+    finally:
+        if pending is not None:
+            pending[1].result()
+        if executor is not None:
+            executor.shutdown(wait=True)

@@ -145,10 +145,16 @@ def test_vocabulary_eos_and_size_checks(tmp_path):
 
 def test_writer_rejects_bad_documents_and_leaves_no_partial_file(tmp_path):
     target = tmp_path / "d.parquet"
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="document 1 holds token id 259, outside the vocabulary"):
         with TokenParquetWriter(target, eos_id=EOS, vocab_size=259) as writer:
             writer.add([1, 2, 3])
             writer.add([1, 259])
+    with pytest.raises(ValueError, match="document 2 holds token id -1"):
+        writer = TokenParquetWriter(target, eos_id=EOS, vocab_size=259, rows_per_group=1)
+        writer.add_many([[1], [2], [-1], [3]])  # fails while flushing a full row group
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        with TokenParquetWriter(target, eos_id=EOS, vocab_size=259) as writer:
+            writer.add([1.5])
     assert list(tmp_path.iterdir()) == []
 
 

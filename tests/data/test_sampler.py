@@ -141,3 +141,58 @@ def test_batches_shift_targets_and_resume(tmp_path):
     torch.testing.assert_close(inputs, following[0], rtol=0, atol=0)
     torch.testing.assert_close(targets, following[1], rtol=0, atol=0)
     assert len(list(batches(dataset, again, 3, num_batches=2))) == 2
+
+
+def test_peek_indices_does_not_move_the_cursor():
+    sampler = ResumableSampler(10, seed=3)
+    sampler.next_indices(4, 0, 1)
+    state = sampler.state_dict()
+    peeked = [sampler.peek_indices(4, 1, 2, ahead=ahead) for ahead in (1, 2, 3)]
+    assert sampler.state_dict() == state
+    assert [sampler.next_indices(4, 1, 2) for _ in range(3)] == peeked  # crosses an epoch
+
+
+def test_prefetch_changes_nothing_but_the_timing(tmp_path):
+    documents = [np.arange(n) % 250 for n in range(1, 80)]
+    write_token_parquet(tmp_path / "d.parquet", documents, eos_id=257, vocab_size=259)
+    dataset = TokenDataset(tmp_path / "d.parquet", 8, cache_bytes=0)
+    plain_sampler = ResumableSampler(len(dataset), seed=1)
+    plain = list(batches(dataset, plain_sampler, 4, num_batches=30))
+    prefetch_sampler = ResumableSampler(len(dataset), seed=1)
+    iterator = batches(dataset, prefetch_sampler, 4, prefetch=True)
+    fetched = [next(iterator) for _ in range(30)]
+    # The read-ahead batch has not been handed out, so the cursor has not moved past it.
+    assert prefetch_sampler.state_dict() == plain_sampler.state_dict()
+    for (a_inputs, a_targets), (b_inputs, b_targets) in zip(plain, fetched):
+        torch.testing.assert_close(a_inputs, b_inputs, rtol=0, atol=0)
+        torch.testing.assert_close(a_targets, b_targets, rtol=0, atol=0)
+    # Moving the sampler under a live iterator (a state load) discards the read-ahead batch.
+    prefetch_sampler.load_state_dict(ResumableSampler(len(dataset), seed=1).state_dict())
+    torch.testing.assert_close(next(iterator)[0], plain[0][0], rtol=0, atol=0)
+    iterator.close()
+
+
+def _small_dataset(tmp_path):
+    documents = [np.arange(n) % 250 for n in range(1, 40)]
+    write_token_parquet(tmp_path / "d.parquet", documents, eos_id=257, vocab_size=259)
+    return TokenDataset(tmp_path / "d.parquet", 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_pin_memory_without_cuda_is_a_clear_error(tmp_path):
+    dataset = _small_dataset(tmp_path)
+    with pytest.raises(ValueError, match="pin_memory=True\\) needs a CUDA device"):
+        next(batches(dataset, ResumableSampler(len(dataset)), 2, pin_memory=True))
+
+
+@pytest.mark.gpu
+def test_pinned_batches_equal_the_plain_ones(tmp_path):
+    dataset = _small_dataset(tmp_path)
+    plain = list(batches(dataset, ResumableSampler(len(dataset)), 2, num_batches=3))
+    pinned = list(
+        batches(dataset, ResumableSampler(len(dataset)), 2, num_batches=3, pin_memory=True)
+    )
+    for (inputs, targets), (pinned_inputs, pinned_targets) in zip(plain, pinned):
+        assert pinned_inputs.is_pinned() and pinned_targets.is_pinned()
+        torch.testing.assert_close(pinned_inputs, inputs, rtol=0, atol=0)
+        torch.testing.assert_close(pinned_targets, targets, rtol=0, atol=0)
