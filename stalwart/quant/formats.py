@@ -45,7 +45,6 @@ __all__ = [
 
 # fp32 bit fields used by the vectorised rounding below
 _FP32_EXPONENT_MASK = 0x7F800000
-_FP32_MANTISSA_MASK = 0x007FFFFF
 
 
 @dataclass(frozen=True)
@@ -189,9 +188,8 @@ class ElementFormat:
         nan = torch.isnan(values)
         if self.kind == "int":
             units = torch.where(nan, 0.0, values / self.step)
-            if not torch.equal(units, units.round()) or units.abs().max(initial=0) > (
-                2 ** (self.num_bits - 1)
-            ):
+            limit = 2 ** (self.num_bits - 1)
+            if not torch.equal(units, units.round()) or bool((units.abs() > limit).any()):
                 raise ValueError(f"values are not on the {self.name} grid; quantize them first")
             return (units.long() & ((1 << self.num_bits) - 1)).to(torch.uint8)
         table = self.code_table
@@ -361,14 +359,17 @@ class E8M0Format:
         """Round positive float32 scales to E8M0: "floor", "ceil" or "nearest" (ties up, like
         ml_dtypes). Below 2^-127 gives 2^-127; above 2^127, zero, negative, Inf or NaN gives NaN.
         """
-        exponent = floor_log2(scales)
-        mantissa_bits = scales.float().view(torch.int32) & _FP32_MANTISSA_MASK
+        scales = scales.float()
+        mantissa, frexp_exponent = torch.frexp(
+            scales
+        )  # scales = mantissa * 2^e, mantissa in [.5, 1)
+        exponent = (frexp_exponent - 1).to(torch.int32)
         if rounding_mode == "floor":
             pass
         elif rounding_mode == "ceil":
-            exponent = exponent + (mantissa_bits != 0).to(torch.int32)
+            exponent = exponent + (mantissa != 0.5).to(torch.int32)
         elif rounding_mode == "nearest":
-            exponent = exponent + (mantissa_bits >= (1 << 22)).to(torch.int32)
+            exponent = exponent + (mantissa >= 0.75).to(torch.int32)
         else:
             raise ValueError(
                 f"E8M0 rounding {rounding_mode!r} is unknown; use 'floor', 'ceil' or 'nearest'"
@@ -376,15 +377,6 @@ class E8M0Format:
         valid = (scales > 0) & torch.isfinite(scales) & (exponent <= 127)
         result = self.exponent_to_scale(exponent.clamp(-127, 127))
         return torch.where(valid, result, math.nan)
-
-
-def floor_log2(values: torch.Tensor) -> torch.Tensor:
-    """floor(log2(|v|)) as int32, exact for fp32 subnormals too; zero gives -1000."""
-    values = values.float()
-    exponent_field = (values.view(torch.int32) >> 23) & 0xFF
-    _, frexp_exponent = torch.frexp(values)
-    exponent = torch.where(exponent_field == 0, frexp_exponent - 1, exponent_field - 127)
-    return torch.where(values == 0, -1000, exponent).to(torch.int32)
 
 
 E4M3 = ElementFormat(
