@@ -162,15 +162,17 @@ class SnapshotAgent:
             },
         )
         captured = []
-        ready_event = None
         for name, tensor in tensors:
             tensor = tensor.detach()
             if tensor.numel() * tensor.element_size() <= self.small_tensor_bytes:
                 tensor = tensor.clone()
             captured.append((name, tensor))
-            if tensor.is_cuda and ready_event is None:
-                ready_event = torch.cuda.Event()
-                ready_event.record(torch.cuda.current_stream(tensor.device))
+        ready_event = None
+        cuda_device = next((tensor.device for _, tensor in captured if tensor.is_cuda), None)
+        if cuda_device is not None:
+            # Recorded after the clones: the side stream must see them, and every kernel of step N.
+            ready_event = torch.cuda.Event()
+            ready_event.record(torch.cuda.current_stream(cuda_device))
         job = _Job(
             version=version,
             tensors=captured,
@@ -211,12 +213,15 @@ class SnapshotAgent:
             finished = [job for job in self._in_flight if job.published.done()]
             for job in finished:
                 self._in_flight.remove(job)
-        for job in finished:
-            error = job.published.exception()
-            if error is not None:
-                if job is self._pending_copy:
-                    self._pending_copy = None
-                raise SnapshotError(f"snapshot of step {job.version} failed: {error}") from error
+        failed = [job for job in finished if job.published.exception() is not None]
+        if not failed:
+            return
+        if self._pending_copy in failed:
+            self._pending_copy = None
+        first = failed[0]
+        error = first.published.exception()
+        later = f" (and {len(failed) - 1} later snapshots failed too)" if len(failed) > 1 else ""
+        raise SnapshotError(f"snapshot of step {first.version} failed: {error}{later}") from error
 
     def flush(self) -> None:
         """Wait until every snapshot taken so far is copied and published; raise any failure."""

@@ -2,7 +2,6 @@
 
 import sys
 import threading
-import time
 import uuid
 
 import pytest
@@ -26,9 +25,9 @@ TINY = [
 class FakeManager:
     """What the node's SnapshotManager does for one rank, in process: two slots, verify on publish."""
 
-    def __init__(self, job_id: str, acquire_delay_s: float = 0.0, fail: str | None = None):
+    def __init__(self, job_id: str, gate: threading.Event | None = None, fail: str | None = None):
         self.job_id = job_id
-        self.acquire_delay_s = acquire_delay_s
+        self.gate = gate  # acquire blocks until it is set (a slow manager)
         self.fail = fail
         self.regions: list[shm.Region] = []
         self.slot_versions = [None, None]
@@ -52,7 +51,8 @@ class FakeManager:
 
     def acquire(self, rank: int, version: int) -> int:
         self.calls.append("acquire")
-        time.sleep(self.acquire_delay_s)
+        if self.gate is not None:
+            self.gate.wait()
         if self.fail == "acquire":
             raise RuntimeError("manager lost its memory")
         committed_slot = (
@@ -143,14 +143,21 @@ def test_resume_from_snapshot_continues_bit_identical(tmp_path, job_id, device):
 
 def test_optimizer_waits_for_the_copy_which_holds_step_n(tmp_path, job_id):
     """CheckFreq: step N+1 may not update parameters until snapshot N is copied."""
-    delay_s = 0.5
-    manager = FakeManager(job_id, acquire_delay_s=delay_s)
+    delay_s = 0.3
+    gate = threading.Event()
+    manager = FakeManager(job_id, gate=gate)
     trainer = make_trainer(tmp_path)
     agent = SnapshotAgent(trainer, manager, rank=0, every_steps=1)
+
+    def open_gate_later(step: int) -> None:
+        if step == 2:  # runs right before the agent's own hook: the manager answers delay_s later
+            threading.Timer(delay_s, gate.set).start()
+
+    trainer.before_optimizer_hooks.insert(0, open_gate_later)
     trainer.train_step()
     at_step_one = cloned_state(trainer)
     trainer.train_step()  # its optimizer step had to wait for the slow acquire + copy of step 1
-    assert agent.last_wait_s >= delay_s * 0.6
+    assert agent.last_wait_s >= delay_s * 0.9
     assert agent.last_blocking_s >= agent.last_wait_s
     agent.flush()
     region_name, layout_json, _ = manager.record(1)
