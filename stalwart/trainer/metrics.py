@@ -125,7 +125,7 @@ _KNOWN_FIELDS: dict[str, tuple[str, Any]] = {
     "lr": ("lr", lambda v: f"{v:.2e}"),
     "grad_norm": ("grad", lambda v: f"{v:.3f}"),
     "tokens_per_s": ("tok/s", _compact_number),
-    "step_time_s": ("step", lambda v: f"{v * 1000:.0f}ms" if v < 10 else f"{v:.1f}s"),
+    "step_time_s": ("time", lambda v: f"{v * 1000:.0f}ms" if v < 10 else f"{v:.1f}s"),
 }
 # Flags are shown only when set, so a healthy run's line stays short.
 _FLAGS = {"skipped"}

@@ -92,7 +92,7 @@ def test_progress_lines_are_readable():
     sink.log(metrics | {"skipped": 1.0}, 22)
     first, second = stream.getvalue().splitlines()
     assert first == (
-        "step  12/500 | loss 2.3457 | lr 3.00e-04 | grad 0.812 | tok/s 12.3k | step 250ms | reward 0.5"
+        "step  12/500 | loss 2.3457 | lr 3.00e-04 | grad 0.812 | tok/s 12.3k | time 250ms | reward 0.5"
     )
     assert "skipped 1" in second and "eta " in second
     assert format_metrics({"tokens_per_s": 2.5e6}) == "tok/s 2.5M"
