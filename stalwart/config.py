@@ -358,6 +358,9 @@ class MetricsConfig(Section):
     progress: Literal["auto", "bar", "lines", "off"] = Field(
         "auto", description="rank 0 stdout: tqdm bar, plain lines, auto (bar on a terminal), off"
     )
+    progress_keys: list[str] | None = Field(
+        None, description="extra metrics on the progress line; None = all without a '/'"
+    )
     tensorboard: bool = Field(False, description="also write TensorBoard events (pip tensorboard)")
     tensorboard_dir: str | None = Field(None, description="None = <run_dir>/tensorboard")
     fsync: bool = Field(False, description="fsync metrics.jsonl per line (survives power loss)")

@@ -44,8 +44,17 @@ def _as_float(key: str, value: Any) -> float:
     )
 
 
+# Every record carries these itself; a metric of the same name (a worker's record that
+# includes its step) would only duplicate or contradict them.
+_RESERVED_KEYS = {"step", "time_s"}
+
+
 def _as_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {str(key): _as_float(key, value) for key, value in metrics.items()}
+    return {
+        str(key): _as_float(key, value)
+        for key, value in metrics.items()
+        if key not in _RESERVED_KEYS
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,17 +137,26 @@ _KNOWN_FIELDS: dict[str, tuple[str, Any]] = {
     "step_time_s": ("time", lambda v: f"{v * 1000:.0f}ms" if v < 10 else f"{v:.1f}s"),
 }
 # Flags are shown only when set, so a healthy run's line stays short.
-_FLAGS = {"skipped"}
+_FLAGS = {"skipped", "attempt"}
 
 
-def format_metrics(metrics: Mapping[str, float]) -> str:
-    """`loss 2.3456 | lr 3.00e-04 | grad 0.812 | tok/s 12.3k | ...` in a stable order."""
+def format_metrics(metrics: Mapping[str, float], extra_keys: Sequence[str] | None = None) -> str:
+    """`loss 2.3456 | lr 3.00e-04 | grad 0.812 | tok/s 12.3k | ...` in a stable order.
+
+    After the known fields come `extra_keys` when given, else every other top-level key:
+    namespaced keys (`snapshot/last_copy_s`) are detail for the JSONL file and TensorBoard.
+    """
     parts = []
     for key, (label, formatter) in _KNOWN_FIELDS.items():
         if key in metrics:
             parts.append(f"{label} {formatter(metrics[key])}")
-    for key, value in metrics.items():
-        if key in _KNOWN_FIELDS or (key in _FLAGS and not value):
+    if extra_keys is None:
+        extra_keys = [key for key in metrics if "/" not in key]
+    for key in extra_keys:
+        value = metrics.get(key)
+        if value is None or key in _KNOWN_FIELDS or key in _RESERVED_KEYS:
+            continue
+        if key in _FLAGS and not value:
             continue
         parts.append(f"{key} {value:.4g}")
     return " | ".join(parts)
@@ -149,12 +167,17 @@ class StdoutSink:
     (a bar on a terminal, lines otherwise, e.g. in a Ray job log)."""
 
     def __init__(
-        self, max_steps: int | None = None, progress: str = "auto", stream: TextIO | None = None
+        self,
+        max_steps: int | None = None,
+        progress: str = "auto",
+        stream: TextIO | None = None,
+        extra_keys: Sequence[str] | None = None,
     ):
         if progress not in ("auto", "bar", "lines"):
             raise ValueError(f"metrics.progress must be auto, bar or lines, got {progress!r}")
         self.stream = stream if stream is not None else sys.stdout
         self.max_steps = max_steps
+        self.extra_keys = list(extra_keys) if extra_keys is not None else None
         if progress == "auto":
             progress = "bar" if getattr(self.stream, "isatty", lambda: False)() else "lines"
         self.progress = progress
@@ -192,10 +215,11 @@ class StdoutSink:
                     dynamic_ncols=True,
                 )
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(format_metrics(metrics), refresh=True)
+            self._bar.set_postfix_str(format_metrics(metrics, self.extra_keys), refresh=True)
             return
         eta = self._eta_text(step)
-        self.stream.write(f"{self._step_text(step)} | {format_metrics(metrics)}{eta}\n")
+        line = format_metrics(metrics, self.extra_keys)
+        self.stream.write(f"{self._step_text(step)} | {line}{eta}\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -277,7 +301,8 @@ def build_sinks(
     sinks: list[MetricSink] = [JsonlSink(run_dir, fsync=getattr(metrics_config, "fsync", False))]
     progress = getattr(metrics_config, "progress", "auto")
     if progress != "off":
-        sinks.append(StdoutSink(max_steps=max_steps, progress=progress))
+        extra_keys = getattr(metrics_config, "progress_keys", None)
+        sinks.append(StdoutSink(max_steps=max_steps, progress=progress, extra_keys=extra_keys))
     if getattr(metrics_config, "tensorboard", False):
         log_dir = getattr(metrics_config, "tensorboard_dir", None) or run_dir / "tensorboard"
         sinks.append(TensorBoardSink(log_dir))

@@ -98,6 +98,25 @@ def test_progress_lines_are_readable():
     assert format_metrics({"tokens_per_s": 2.5e6}) == "tok/s 2.5M"
 
 
+def test_worker_records_keep_their_step_and_hide_namespaced_detail(tmp_path):
+    record = {"loss": 1.5, "step": 7, "attempt": 0, "snapshot/last_copy_s": 0.01}
+    stream = io.StringIO()
+    StdoutSink(progress="lines", stream=stream).log(record, 7)
+    assert stream.getvalue() == "step 7 | loss 1.5000\n"
+    stream = io.StringIO()
+    StdoutSink(progress="lines", stream=stream, extra_keys=["snapshot/last_copy_s"]).log(
+        record | {"attempt": 1}, 7
+    )
+    assert stream.getvalue() == "step 7 | loss 1.5000 | snapshot/last_copy_s 0.01\n"
+    assert format_metrics(record | {"attempt": 2}) == "loss 1.5000 | attempt 2"
+    sink = JsonlSink(tmp_path)
+    sink.log(record, 7)
+    sink.close()
+    (logged,) = read_metrics(tmp_path)
+    assert logged["step"] == 7 and isinstance(logged["step"], int)
+    assert logged["snapshot/last_copy_s"] == 0.01
+
+
 def test_progress_bar_mode_draws_a_tqdm_bar():
     stream = io.StringIO()
     sink = StdoutSink(max_steps=10, progress="bar", stream=stream)
@@ -111,7 +130,9 @@ def test_progress_bar_mode_draws_a_tqdm_bar():
 
 
 def test_build_sinks_only_rank_zero_logs(tmp_path, capsys):
-    config = SimpleNamespace(progress="lines", tensorboard=False, tensorboard_dir=None, fsync=True)
+    config = SimpleNamespace(
+        progress="lines", progress_keys=None, tensorboard=False, tensorboard_dir=None, fsync=True
+    )
     silent = build_sinks(config, tmp_path / "rank1", rank=1)
     silent.log({"loss": 1.0}, 1)
     silent.close()
