@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import xxhash
 
 from stalwart.config import RunConfig, config_from_dict, load_config, save_config
 from stalwart.trainer.rl.learner import RLLearner
@@ -143,7 +144,13 @@ def run_pipeline(
     )
 
     learner = LearnerActor.remote(tree)
-    record: dict[str, Any] = {"steps": [], "staleness": [], "recoveries": [], "evals": []}
+    record: dict[str, Any] = {
+        "steps": [],
+        "staleness": [],
+        "consumed_problem_ids": [],
+        "recoveries": [],
+        "evals": [],
+    }
     if rl.warmup_sft_steps:
         record["warmup"] = ray.get(learner.warmup.remote(rl.warmup_sft_steps))
         log(f"supervised warm-up: {record['warmup']}")
@@ -161,7 +168,6 @@ def run_pipeline(
     pending_groups = 0  # dispatched and not yet consumed by a learner step
     next_step = 0
     learner_refs: tuple | None = None
-    running_batch: list[dict] | None = None
     batches_since_state: list[list[dict]] = []
     num_sampled_tokens = 0
     num_groups_generated = 0
@@ -213,7 +219,7 @@ def run_pipeline(
                             f"step {next_step} (staleness bound {rl.max_staleness})"
                         )
                     record["staleness"].append((next_step, group["version"]))
-                running_batch = ready
+                    record["consumed_problem_ids"].append(group["problem_id"])
                 batches_since_state.append(ready)
                 learner_refs = learner.step.remote(ready)
                 if next_step in kill_learner_at:
@@ -257,7 +263,7 @@ def run_pipeline(
             record["steps"].append(metrics)
             if published_version % rl.eval_every == 0 or published_version == num_steps:
                 checkpoints[published_version] = weights_ref
-            learner_refs, running_batch = None, None
+            learner_refs = None
             if out_of_time():
                 stop = True
                 checkpoints[published_version] = weights_ref
@@ -302,6 +308,8 @@ def run_pipeline(
         final_version=published_version,
         state_version=state_version,
     )
+    final = Packed.from_tuple(ray.get(weights_ref))
+    record["final_weights_xxh64"] = xxhash.xxh64_hexdigest(final.buffer)
     if evaluate:
         record["evals"] = evaluate_checkpoints(config, actors, checkpoints)
     for actor in actors:
@@ -416,7 +424,8 @@ def write_record(record: dict, run_dir: str | Path) -> None:
     with open(run_dir / "rl_evals.jsonl", "w") as handle:
         for result in record["evals"]:
             handle.write(json.dumps(result) + "\n")
-    summary = {k: v for k, v in record.items() if k not in ("steps", "evals", "staleness")}
+    skipped = ("steps", "evals", "staleness", "consumed_problem_ids")
+    summary = {k: v for k, v in record.items() if k not in skipped}
     (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
 
 
