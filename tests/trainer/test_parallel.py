@@ -35,6 +35,7 @@ VARIANTS = {
     "ddp-accum2": ["parallel.strategy=ddp", "trainer.grad_accum_steps=2"],
     "fsdp": ["parallel.strategy=fsdp"],
     "fsdp-seed1": ["parallel.strategy=fsdp", "trainer.seed=1"],
+    "fsdp-accum2": ["parallel.strategy=fsdp", "trainer.grad_accum_steps=2"],
 }
 
 
@@ -204,4 +205,16 @@ def test_fsdp_and_ddp_compute_the_same_training(runs):
     assert fsdp_norms == pytest.approx(first.metrics("ddp", 0, "grad_norm"), rel=1e-4)
     ddp = first.full("ddp")
     for name, tensor in first.full("fsdp").items():
+        torch.testing.assert_close(tensor, ddp[name], atol=1e-5, rtol=0)
+
+
+def test_fsdp_with_grad_accumulation_trains_and_matches_ddp(runs):
+    first, second = runs
+    for rank in range(WORLD_SIZE):
+        assert_bit_identical(first.local("fsdp-accum2", rank), second.local("fsdp-accum2", rank))
+    losses = first.losses("fsdp-accum2", 0)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert losses == pytest.approx(first.losses("ddp-accum2", 0), rel=1e-5)
+    ddp = first.full("ddp-accum2")
+    for name, tensor in first.full("fsdp-accum2").items():
         torch.testing.assert_close(tensor, ddp[name], atol=1e-5, rtol=0)
