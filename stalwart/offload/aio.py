@@ -413,6 +413,22 @@ def measure_bandwidth(aio: AioBackend, directory: str, num_bytes: int = 256 << 2
     return Bandwidth(num_bytes / read_s, num_bytes / write_s, num_bytes, aio.name)
 
 
+_M_MMAP_THRESHOLD = -3
+
+
+def limit_heap_retention(threshold_bytes: int = 256 << 10) -> None:
+    """Serve allocations above `threshold_bytes` with mmap, so freeing them lowers RSS at once.
+
+    glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), after which
+    gradients and activations come from the heap and stay in RSS when freed; a fixed threshold
+    keeps the process inside its host memory budget. Process-wide, harmless elsewhere.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))
+    except OSError:
+        pass
+
+
 def malloc_trim() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, inflating RSS)."""
     try:

@@ -24,6 +24,7 @@ the buffer pool; a budget too small for one layer fails at construction with the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from stalwart.offload.activations import (
     StashedCheckpoint,
     can_checkpoint,
 )
-from stalwart.offload.aio import AioSettings, align_up, make_aio, malloc_trim
+from stalwart.offload.aio import AioSettings, align_up, limit_heap_retention, make_aio, malloc_trim
 from stalwart.offload.optimizer import (
     AdamWSettings,
     OutOfCoreAdamW,
@@ -68,6 +69,25 @@ def rss_bytes() -> int:
     """Resident set size of this process."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) so a step's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since the last `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()
 
 
 def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -152,6 +172,29 @@ class Shard:
         self._reader(offset, target)
 
 
+@contextlib.contextmanager
+def empty_parameters():
+    """Build a model whose parameters are on the meta device (no memory) but buffers are real.
+
+    The engine then initialises each layer's parameters straight into the NVMe store, so a model
+    larger than host memory can be created: `with empty_parameters(): model = Model(config)`.
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(
+                param.to("meta"), requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The children of the model's largest nn.ModuleList (by parameter count): its layers."""
     best, best_params = [], 0
@@ -205,7 +248,6 @@ class OffloadEngine:
         self._last_microbatch = True
         self._first_microbatch = True
         self._num_microbatches = 1
-        self._clip_coef: torch.Tensor | None = None
         self._norms: dict[int, torch.Tensor] = {}
         self._writes: list[Future] = []
         self._jobs: list[Future] = []
@@ -217,6 +259,12 @@ class OffloadEngine:
         self._stats = {"wait_s": 0.0}
         self.last_metrics: dict = {}
 
+        for name, buffer in model.named_buffers():
+            if buffer.is_meta:
+                raise ValueError(
+                    f"buffer {name} is on the meta device (no data); build the model inside "
+                    "stalwart.offload.engine.empty_parameters() so that only parameters are empty"
+                )
         self.units = self._build_units(model)
         self._check_dtypes()
         self._layout_and_budget(offload_config, aio_backend)
@@ -330,6 +378,7 @@ class OffloadEngine:
             unit.p_bytes = align_up(p_bytes)
             unit.state_bytes = align_up(state_bytes) if state_bytes else 0
 
+        limit_heap_retention()
         malloc_trim()
         self.baseline_rss_bytes = rss_bytes()
         largest = max(self.units, key=lambda u: u.working_set_bytes)
@@ -337,9 +386,12 @@ class OffloadEngine:
         # unit stays resident through the step.
         persistent = sum(u.working_set_bytes for u in self.units if u.persistent)
         largest_grad_bytes = max((u.state_bytes for u in self.units), default=0)
-        # Outside the pool: gradients of two units (one in backward, one in the optimizer),
-        # the clipped copy during a redo, and the allocator's slack.
-        self.workspace_bytes = 3 * largest_grad_bytes + (96 << 20)
+        # Outside the pool: autograd's gradients of the unit in backward before they are copied
+        # into a pool buffer (two units at a boundary), activations, and the transient memory of
+        # kernels, threads and the allocator, which measured 100-250 MB on a 2-core host: a
+        # quarter of what the runtime leaves, at least 96 MiB.
+        headroom = max(self.max_host_bytes - self.baseline_rss_bytes, 0)
+        self.workspace_bytes = 2 * largest_grad_bytes + max(96 << 20, headroom // 4)
         # The smallest pool that can run a step: the persistent unit plus two units in flight.
         self.min_pool_bytes = persistent + 2 * largest.working_set_bytes
         available = self.max_host_bytes - self.baseline_rss_bytes - self.workspace_bytes
@@ -353,7 +405,7 @@ class OffloadEngine:
                 f"set it to at least {needed / GIB:.2f}"
             )
         # Activations (checkpoints, one block's recompute, logits) get a share of what is left.
-        self.pool_budget_bytes = self.min_pool_bytes + int(0.7 * (available - self.min_pool_bytes))
+        self.pool_budget_bytes = self.min_pool_bytes + int(0.6 * (available - self.min_pool_bytes))
         self.activation_allowance_bytes = available - self.pool_budget_bytes
 
         if offload_config.device == "nvme":
@@ -645,16 +697,33 @@ class OffloadEngine:
             self._accumulate(unit, grads)
             self._release(unit)
             return
+        # The final gradients go into a pool buffer (counted against the budget) and, when
+        # clipping is on, to the unit's gradient span, so that a clipped step can be redone by
+        # the optimizer alone (see optimizer.py).
         if not self._first_microbatch and unit.g_buffer is not None:
             unit.g_future.result()
-            accumulated = []
+            g_buffer = unit.g_buffer
             for slot, grad in zip(unit.trainable, grads):
-                total = unit.g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape)
                 if grad is not None:
-                    total.add_(grad)
-                accumulated.append(total)
-            grads = accumulated
-        updated = [(slot, grad) for slot, grad in zip(unit.trainable, grads) if grad is not None]
+                    g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape).add_(
+                        grad
+                    )
+        elif unit.state_bytes:
+            g_buffer = self.pool.acquire(unit.state_bytes)
+            for slot, grad in zip(unit.trainable, grads):
+                if grad is not None:
+                    g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape).copy_(
+                        grad
+                    )
+        else:
+            g_buffer = None
+        unit.g_buffer, unit.g_future = g_buffer, None
+        updated = [
+            (slot, g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape))
+            for slot, grad in zip(unit.trainable, grads)
+            if grad is not None
+        ]
+        del grads
         for (slot, _), norm in zip(updated, parameter_norms([g for _, g in updated])):
             self._norms[slot.index] = norm
         self._hand_to_optimizer(unit, updated)
@@ -693,7 +762,7 @@ class OffloadEngine:
                 if buffer is not None:
                     buffer.release()
             return
-        clip_coef, lr = self._clip_coef, self._lr
+        lr = self._lr
         target = 1 - unit.version
         self._job_slots.acquire()
 
@@ -702,8 +771,6 @@ class OffloadEngine:
                 if mv_future is not None:
                     mv_future.result()
                 grads = [grad for _, grad in updated]
-                if clip_coef is not None:
-                    torch._foreach_mul_(grads, clip_coef)
                 slots = [slot for slot, _ in updated]
                 self.optimizer.update(
                     [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots],
@@ -722,8 +789,6 @@ class OffloadEngine:
                     lr,
                 )
                 del grads
-                if g_buffer is not None:
-                    g_buffer.release()
                 offset = unit.version_offsets[target]
                 write_p = self.store.write_span(offset, unit.p_bytes, p_buffer)
                 write_p.add_done_callback(lambda _f: p_buffer.release())
@@ -735,7 +800,63 @@ class OffloadEngine:
                 self._job_slots.release()
 
         unit.written = True
-        self._jobs.append(self._optimizer_thread.submit(job))
+        job_future = self._optimizer_thread.submit(job)
+        self._jobs.append(job_future)
+        holders = [job_future]
+        if self.settings.grad_clip > 0:
+            write_g = self.store.write_span(unit.grad_offset, unit.state_bytes, g_buffer)
+            self._writes.append(write_g)
+            holders.append(write_g)
+        _release_after(g_buffer, holders)
+
+    def _optimizer_sweep(self, clip_coef: torch.Tensor) -> None:
+        """Redo this step's updates from the committed state and the stored gradients, clipped."""
+        units = [unit for unit in self.units if unit.updated_slots]
+        queued: list = []
+
+        def start(unit: _Unit):
+            base = unit.version_offsets[unit.version]
+            p_buffer = self.pool.acquire(unit.p_bytes)
+            mv_buffer = self.pool.acquire(unit.mv_bytes)
+            g_buffer = self.pool.acquire(unit.state_bytes)
+            reads = [
+                self.store.read_span(base, unit.p_bytes, p_buffer),
+                self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer),
+                self.store.read_span(unit.grad_offset, unit.state_bytes, g_buffer),
+            ]
+            return unit, p_buffer, mv_buffer, g_buffer, reads
+
+        for position, _ in enumerate(units):
+            while len(queued) < 2 and position + len(queued) < len(units):
+                queued.append(start(units[position + len(queued)]))
+            unit, p_buffer, mv_buffer, g_buffer, reads = queued.pop(0)
+            for read in reads:
+                read.result()
+            slots = unit.updated_slots
+            grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
+            torch._foreach_mul_(grads, clip_coef)
+            self.optimizer.update(
+                [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots],
+                grads,
+                [mv_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots],
+                [
+                    mv_buffer.view(
+                        torch.float32, unit.state_bytes + s.state_offset, s.numel, s.shape
+                    )
+                    for s in slots
+                ],
+                [self.param_steps[s.name] + 1 for s in slots],
+                self._lr,
+            )
+            del grads
+            g_buffer.release()
+            offset = unit.version_offsets[1 - unit.version]
+            write_p = self.store.write_span(offset, unit.p_bytes, p_buffer)
+            write_p.add_done_callback(lambda _f, b=p_buffer: b.release())
+            write_mv = self.store.write_span(offset + unit.p_bytes, unit.mv_bytes, mv_buffer)
+            write_mv.add_done_callback(lambda _f, b=mv_buffer: b.release())
+            self._writes.extend([write_p, write_mv])
+        self._drain()
 
     # ------------------------------------------------------------------------------------------
     # the step
@@ -749,21 +870,21 @@ class OffloadEngine:
         if not micro_batches:
             raise ValueError("train_step needs at least one (inputs, targets) micro-batch")
         start = time.perf_counter()
+        measured_peak = reset_peak_rss()
         read_before, written_before = self.store.bytes_read, self.store.bytes_written
         self._stats = {"wait_s": 0.0}
         self._lr = float(lr)
-        loss, norm = self._run_pass(micro_batches, clip_coef=None)
+        loss, norm = self._run_pass(micro_batches)
         decision = step_decision(norm, self.settings.grad_clip)
         redone = False
         if decision == "clip":
-            coefficient = clip_coefficient(norm, self.settings.grad_clip)
-            self._discard_speculative()
-            self._run_pass(micro_batches, clip_coef=coefficient)
+            self._optimizer_sweep(clip_coefficient(norm, self.settings.grad_clip))
             redone = True
         if decision == "skip":
             self._discard_speculative()
         else:
             self._commit()
+        malloc_trim()
         metrics = {
             "loss": loss,
             "grad_norm": float(norm),
@@ -775,14 +896,30 @@ class OffloadEngine:
             "io_wait_s": self._stats["wait_s"],
             "step_time_s": time.perf_counter() - start,
             "pool_peak_bytes": self.pool.peak_bytes,
+            "peak_rss_bytes": peak_rss_bytes() if measured_peak else None,
         }
+        self._enforce_budget(metrics["peak_rss_bytes"])
         if self.swapper is not None:
             metrics["activation_bytes_swapped"] = self.swapper.bytes_written
         self.last_metrics = metrics
         return metrics
 
-    def _run_pass(self, micro_batches, clip_coef):
-        self._clip_coef = clip_coef
+    def _enforce_budget(self, step_peak_bytes: int | None) -> None:
+        """If a step's peak RSS overshot the budget, give the pool that much less from now on."""
+        if step_peak_bytes is None or step_peak_bytes <= self.max_host_bytes:
+            return
+        overshoot = step_peak_bytes - self.max_host_bytes
+        new_budget = max(self.min_pool_bytes, self.pool.budget_bytes - int(1.1 * overshoot))
+        logger.warning(
+            "step peak RSS %.3f GiB exceeded offload.max_host_memory_gb; host buffer pool %.3f -> %.3f GiB",
+            step_peak_bytes / GIB,
+            self.pool.budget_bytes / GIB,
+            new_budget / GIB,
+        )
+        self.pool.budget_bytes = new_budget
+        self.pool.shrink()
+
+    def _run_pass(self, micro_batches):
         self._norms = {}
         self._num_microbatches = len(micro_batches)
         total_loss = 0.0
@@ -1070,6 +1207,24 @@ class OffloadEngine:
         self.aio.close()
         self.optimizer.close()
         self._remove_directory()
+
+
+def _release_after(buffer, futures: list[Future]) -> None:
+    """Return `buffer` to its pool once every future in `futures` has completed."""
+    if buffer is None:
+        return
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_future):
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            buffer.release()
+
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 def _flatten(value):

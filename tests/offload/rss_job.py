@@ -1,0 +1,68 @@
+"""Child process of test_memory_budget: trains a model ~4x bigger than its host budget.
+
+Prints one JSON line with the process's peak RSS (ru_maxrss covers the whole life of the
+process, imports included) and the sizes involved.
+"""
+
+import json
+import resource
+import sys
+
+import torch
+import transformers
+from offload_helpers import lm_loss
+
+from stalwart.config import OffloadConfig, OptimConfig
+from stalwart.offload.engine import OffloadEngine, empty_parameters
+
+
+def main(nvme_path: str, budget_gb: float, num_layers: int, hidden: int, steps: int) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=64,
+    )
+    with empty_parameters():
+        model = transformers.LlamaForCausalLM(config)
+    num_params = sum(p.numel() for p in model.parameters())
+    engine = OffloadEngine(
+        model,
+        OffloadConfig(
+            device="nvme", nvme_path=nvme_path, max_host_memory_gb=budget_gb, buffer_count=2
+        ),
+        OptimConfig(lr=1e-3, grad_clip=1.0),
+        loss_fn=lm_loss,
+    )
+    generator = torch.Generator().manual_seed(0)
+    losses, step_peaks = [], []
+    for _ in range(steps):
+        tokens = torch.randint(0, 512, (1, 33), generator=generator)
+        metrics = engine.train_step([(tokens[:, :-1], tokens[:, 1:])], lr=1e-3)
+        losses.append(metrics["loss"])
+        step_peaks.append(metrics["peak_rss_bytes"])
+    describe = engine.describe()
+    engine.close()
+    peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "peak_rss_bytes": peak_rss_bytes,
+                "budget_bytes": int(budget_gb * (1 << 30)),
+                "num_params": num_params,
+                "training_state_bytes": 16
+                * num_params,  # fp32 parameters, gradients, exp_avg, exp_avg_sq
+                "losses": losses,
+                "step_peaks": step_peaks,
+                "bytes_written_last_step": metrics["bytes_written"],
+                "describe": describe,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
