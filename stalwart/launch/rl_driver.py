@@ -378,6 +378,7 @@ def _start_ray(address: str | None, num_cpus: int) -> bool:
         ray.init(address=address)
         return False
     ray.init(
+        address="local",  # a fresh instance, never one another job left running
         num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
