@@ -192,7 +192,7 @@ def test_save_then_load_round_trips(tmp_path):
             "snapshot.erasure.group_size=3",
             "snapshot.erasure.parity=2",
             "faults.events=[{kind: kill_worker, step: 2, rank: 1}]",
-            "quant.overrides={lm_head: bf16}",
+            "quant.recipe=mxint8",
         ],
     )
     written = save_config(config, tmp_path / "run")
