@@ -1095,6 +1095,10 @@ class OffloadEngine:
         if "offload" not in shards:
             raise ValueError(f"checkpoint has no 'offload' shard (found: {sorted(shards)})")
         shard = shards["offload"]
+        if isinstance(shard, tuple):
+            # (bytes, layout) as returned by the durable tier's in-memory load.
+            data, layout = shard
+            shard = Shard(layout, _array_reader(data))
         layout = shard.layout if isinstance(shard.layout, dict) else json.loads(shard.layout)
         extra = layout.get("extra", {})
         if extra.get("format") != CHECKPOINT_FORMAT:
@@ -1207,6 +1211,16 @@ class OffloadEngine:
         self.aio.close()
         self.optimizer.close()
         self._remove_directory()
+
+
+def _array_reader(data) -> Callable[[int, memoryview], None]:
+    source = memoryview(data).cast("B")
+
+    def read_into(offset: int, target: memoryview) -> None:
+        target = memoryview(target).cast("B")
+        target[:] = source[offset : offset + len(target)]
+
+    return read_into
 
 
 def _release_after(buffer, futures: list[Future]) -> None:

@@ -1,0 +1,59 @@
+"""Offload misconfigurations fail before training, saying what is needed."""
+
+import shutil
+from collections import namedtuple
+
+import pytest
+from offload_helpers import lm_loss, offload_config, optim_config, tiny_gpt
+
+from stalwart.config import ConfigError, OffloadConfig, config_from_dict
+from stalwart.offload.engine import OffloadEngine
+
+
+def _engine(config):
+    return OffloadEngine(tiny_gpt(), config, optim_config(), loss_fn=lm_loss)
+
+
+def test_nvme_without_path_is_a_config_error():
+    with pytest.raises(ConfigError, match="offload.nvme_path is not set"):
+        config_from_dict({"offload": {"device": "nvme"}})
+
+
+def test_unknown_offload_key_names_the_deepspeed_spelling():
+    with pytest.raises(ConfigError, match="offload.buffer_counts.*did you mean 'buffer_count'"):
+        config_from_dict({"offload": {"device": "cpu", "buffer_counts": 4}})
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist; create the directory"):
+        _engine(OffloadConfig(device="nvme", nvme_path=str(tmp_path / "not-mounted")))
+
+
+def test_read_only_directory():
+    with pytest.raises(ValueError, match="not writable"):
+        _engine(OffloadConfig(device="nvme", nvme_path="/proc/self"))
+
+
+def test_full_disk(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(ValueError, match=r"GiB free but the offloaded state needs \d+\.\d+ GiB"):
+        _engine(offload_config(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_budget_too_small_for_one_layer(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"max_host_memory_gb=0.05 is too small.*set it to at least \d+\.\d+"
+    ):
+        _engine(offload_config(tmp_path, max_host_memory_gb=0.05))
+
+
+def test_device_none_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="needs 'cpu' or 'nvme'"):
+        _engine(OffloadConfig(device="none"))
+
+
+def test_bad_block_size(tmp_path):
+    with pytest.raises(ValueError, match="block_size=5000 must be a multiple of 4096"):
+        _engine(offload_config(tmp_path, aio={"block_size": 5000}))
