@@ -47,6 +47,12 @@ import ray
 import xxhash
 
 from stalwart.config import RunConfig, config_from_dict, load_config, save_config
+from stalwart.trainer.rl.analysis import (
+    add_analyze_arguments,
+    add_fit_arguments,
+    run_analyze,
+    run_fit,
+)
 from stalwart.trainer.rl.learner import RLLearner
 from stalwart.trainer.rl.packing import Packed
 from stalwart.trainer.rl.pipeline import PromptPool, StalenessGate
@@ -430,58 +436,12 @@ def write_record(record: dict, run_dir: str | Path) -> None:
     (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("evals", help="rl_evals.jsonl of a run")
-    parser.add_argument("--base-version", type=int, default=None, help="default: the first")
-    parser.add_argument("--version", type=int, default=None, help="default: the last")
-    parser.add_argument("--zeta", type=float, default=0.05)
-
-
-def run_analyze(args: argparse.Namespace) -> int:
-    from stalwart.trainer.rl.analysis import empirical_support, mean_pass_at_k
-
-    results = [json.loads(line) for line in Path(args.evals).read_text().splitlines() if line]
-    if not results:
-        raise ValueError(f"{args.evals} holds no evaluations")
-    by_version = {r["version"]: r for r in results}
-    base = by_version[args.base_version if args.base_version is not None else results[0]["version"]]
-    model = by_version[args.version if args.version is not None else results[-1]["version"]]
-    num_samples = model["num_samples"]
-    print(f"{'version':>8} {'pass@1':>8} {f'pass@{num_samples}':>8} {'tok H':>7} {'ans H':>7}")
-    for result in (base, model):
-        print(
-            f"{result['version']:>8} {mean_pass_at_k(result['correct_counts'], num_samples, 1):>8.3f} "
-            f"{mean_pass_at_k(result['correct_counts'], num_samples, num_samples):>8.3f} "
-            f"{result['token_entropy']:>7.3f} {result['answer_entropy']:>7.3f}"
-        )
-    report = empirical_support(
-        base["correct_counts"], model["correct_counts"], num_samples, args.zeta
-    )
-    print(json.dumps(report.to_dict()))
-    return 0
-
-
-def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("evals", help="rl_evals.jsonl of a run (x = version, y = pass1)")
-    parser.add_argument("--x", default="version", help="compute field (default learner steps)")
-    parser.add_argument("--y", default="pass1")
-    parser.add_argument("--skip", type=float, default=0.0, help="drop points with x below this")
-    parser.add_argument("--fit-upto", type=float, default=None, help="fit only points up to x")
-    parser.add_argument("--png", default=None, help="write the curve and its extrapolation")
-
-
-def run_fit(args: argparse.Namespace) -> int:
-    from stalwart.trainer.rl.analysis import fit_sigmoid, plot_sigmoid_fit
-
-    results = [json.loads(line) for line in Path(args.evals).read_text().splitlines() if line]
-    r0 = next(r[args.y] for r in results if r[args.x] == min(q[args.x] for q in results))
-    points = [(r[args.x], r[args.y]) for r in results if r[args.x] > 0]
-    compute = np.array([x for x, _ in points], dtype=float)
-    performance = np.array([y for _, y in points], dtype=float)
-    used = compute <= (args.fit_upto if args.fit_upto is not None else np.inf)
-    fit = fit_sigmoid(compute[used], performance[used], r0=r0, skip_compute=args.skip)
-    print(json.dumps(fit.to_dict()))
-    if args.png:
-        plot_sigmoid_fit(compute, performance, fit, args.png, xlabel=args.x, ylabel=args.y)
-        print(f"wrote {args.png}")
-    return 0
+# `stalwart rl analyze` and `stalwart rl fit` live with the analysis they run.
+__all__ = [
+    "add_analyze_arguments",
+    "add_fit_arguments",
+    "add_rl_arguments",
+    "run_analyze",
+    "run_fit",
+    "run_rl",
+]

@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import yaml
 
-from stalwart.launch.rl_driver import (
+from stalwart.launch.rl_driver import add_rl_arguments, run_rl
+from stalwart.trainer.rl.analysis import (
     add_analyze_arguments,
     add_fit_arguments,
-    add_rl_arguments,
     run_analyze,
     run_fit,
-    run_rl,
+    sigmoid_curve,
 )
-from stalwart.trainer.rl.analysis import sigmoid_curve
 
 
 def parse(add, argv):
