@@ -368,14 +368,16 @@ class Bandwidth:
     backend: str
 
 
-def measure_bandwidth(aio: AioBackend, directory: str, num_bytes: int = 256 << 20) -> Bandwidth:
+def measure_bandwidth(
+    aio: AioBackend, directory: str, num_bytes: int = 256 << 20, chunk_bytes: int = 64 << 20
+) -> Bandwidth:
     """Write then read `num_bytes` through `aio` in a scratch file under `directory`.
 
     With O_DIRECT this is the device's bandwidth; where the file system refuses O_DIRECT the
     written pages are evicted from the page cache before reading so the read is not a memcpy.
     """
     num_bytes = align_up(num_bytes)
-    chunk_bytes = min(num_bytes, 64 << 20)
+    chunk_bytes = align_up(min(num_bytes, chunk_bytes))
     path = os.path.join(directory, f".stalwart-bandwidth-{os.getpid()}.bin")
     file = OpenFile(path)
     buffers = [aio.allocate(chunk_bytes) for _ in range(2)]

@@ -56,6 +56,14 @@ from stalwart.offload.optimizer import (
     step_decision,
     total_norm,
 )
+from stalwart.offload.planner import (
+    Machine,
+    OffloadPlan,
+    UnitCost,
+    measure_machine,
+    plan_offload,
+    step_vs_plan,
+)
 from stalwart.offload.store import GIB, HostBufferPool, TensorStore, check_nvme_path
 
 logger = logging.getLogger(__name__)
@@ -270,15 +278,24 @@ class OffloadEngine:
         self._layout_and_budget(offload_config, aio_backend)
         if prefetch_depth is None:
             prefetch_depth = getattr(offload_config, "prefetch_depth", None)
-        if prefetch_depth is None:
-            prefetch_depth = max(int(offload_config.buffer_count) - 1, 0)
-        self.prefetch_depth = int(prefetch_depth)
+        # Until the planner has run (after the first step), buffer_count - 1 layers ahead.
+        self._forced_prefetch_depth = prefetch_depth
+        self.prefetch_depth = int(
+            prefetch_depth
+            if prefetch_depth is not None
+            else max(offload_config.buffer_count - 1, 0)
+        )
         self.activation_targets: dict[int, str] = {}
         swap = activation_target or getattr(offload_config, "activation_swap", "auto")
         self.default_activation_target = "keep" if swap == "auto" else swap
         self._initialise_store(init_fn)
         self._install_hooks()
-        self.plan = None
+        self._forced_activation_target = None if swap == "auto" else swap
+        self._auto_plan = self._forced_prefetch_depth is None or swap == "auto"
+        self._max_buffer_count = int(offload_config.buffer_count)
+        self._checkpoint_bytes: dict[int, int] = {}
+        self.plan: OffloadPlan | None = None
+        self.machine: Machine | None = None
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -661,6 +678,7 @@ class OffloadEngine:
         if target == "nvme":
             num_blocks = sum(1 for u in self.units if u.is_block)
             self.swapper.ensure(num_blocks, tensor.numel() * tensor.element_size())
+        self._checkpoint_bytes[unit.index] = tensor.numel() * tensor.element_size()
         stash = StashedCheckpoint(tensor, target, unit.index, self.swapper)
         self._checkpoint_calls[unit.index] = stash
         return stash
@@ -899,10 +917,67 @@ class OffloadEngine:
             "peak_rss_bytes": peak_rss_bytes() if measured_peak else None,
         }
         self._enforce_budget(metrics["peak_rss_bytes"])
+        if self.plan is not None:
+            metrics["predicted_step_s"] = self.plan.predicted_step_s
+            metrics["lower_bound_s"] = self.plan.lower_bound_s
+            logger.info(step_vs_plan(self.plan, metrics["step_time_s"]))
+        elif self._auto_plan:
+            tokens = sum(_num_tokens(inputs) for inputs, _ in micro_batches)
+            self.make_plan(tokens_per_step=tokens, num_microbatches=len(micro_batches))
         if self.swapper is not None:
             metrics["activation_bytes_swapped"] = self.swapper.bytes_written
         self.last_metrics = metrics
         return metrics
+
+    def unit_costs(self) -> list[UnitCost]:
+        return [
+            UnitCost(
+                index=unit.index,
+                name=unit.name,
+                num_params=sum(slot.numel for slot in unit.slots),
+                param_bytes=unit.p_bytes,
+                state_bytes=unit.state_bytes,
+                is_block=unit.is_block,
+                checkpoint_bytes=self._checkpoint_bytes.get(unit.index, 0),
+            )
+            for unit in self.units
+        ]
+
+    def make_plan(self, *, tokens_per_step: int, num_microbatches: int = 1) -> OffloadPlan:
+        """Measure the machine (once per process and drive) and choose depth and swaps."""
+        self.pool.shrink()
+        key = (
+            self.compute_device.type,
+            self.config.device,
+            self.aio.name,
+            os.path.dirname(self.nvme_directory or ""),
+        )
+        if key not in _MACHINES:
+            _MACHINES[key] = measure_machine(
+                self.aio if self.nvme_directory else None, self.nvme_directory, self.compute_device
+            )
+        self.machine = _MACHINES[key]
+        device_bytes = (
+            int(float(getattr(self.config, "max_device_memory_gb", 0) or 0) * GIB) or None
+        )
+        self.plan = plan_offload(
+            self.unit_costs(),
+            self.machine,
+            tokens_per_step=tokens_per_step,
+            num_microbatches=num_microbatches,
+            clipping=self.settings.grad_clip > 0,
+            pool_budget_bytes=self.pool.budget_bytes,
+            activation_allowance_bytes=self.activation_allowance_bytes,
+            max_buffer_count=self._max_buffer_count,
+            device_memory_bytes=device_bytes if self.compute_device.type == "cuda" else None,
+            forced_prefetch_depth=self._forced_prefetch_depth,
+            forced_activation_target=self._forced_activation_target,
+        )
+        self.prefetch_depth = self.plan.prefetch_depth
+        self.activation_targets = dict(self.plan.activation_targets)
+        logger.info(self.plan.describe())
+        malloc_trim()
+        return self.plan
 
     def _enforce_budget(self, step_peak_bytes: int | None) -> None:
         """If a step's peak RSS overshot the budget, give the pool that much less from now on."""
@@ -1211,6 +1286,19 @@ class OffloadEngine:
         self.aio.close()
         self.optimizer.close()
         self._remove_directory()
+
+
+_MACHINES: dict[tuple, Machine] = {}
+
+
+def _num_tokens(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.numel()
+    if isinstance(inputs, dict):
+        return _num_tokens(next(iter(inputs.values())))
+    if isinstance(inputs, tuple | list) and inputs:
+        return _num_tokens(inputs[0])
+    return 0
 
 
 def _array_reader(data) -> Callable[[int, memoryview], None]:
