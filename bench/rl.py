@@ -101,13 +101,15 @@ def main() -> int:
                 "pass1_start": record["evals"][0]["pass1"],
                 "pass1_end": record["evals"][-1]["pass1"],
                 "max_staleness": record["max_staleness_seen"],
+                "rollout_utilisation": record["rollout_utilisation"],
+                "learner_utilisation": record["learner_utilisation"],
                 "fit_a": fit.a if fit else None,
                 "fit_b": fit.b if fit else None,
             }
         )
     header = (
         f"{'run':<22}{'tokens/s':>10}{'steps/s':>9}{'steps':>7}{'pass@1 start':>14}"
-        f"{'pass@1 end':>12}{'max stale':>10}{'fit A':>8}{'fit B':>8}"
+        f"{'pass@1 end':>12}{'max stale':>10}{'fit A':>8}{'fit B':>8}{'gen busy':>10}{'learn busy':>11}"
     )
     print(
         f"RL benchmark: {args.budget_s:g}s of RL per run, {args.num_cpus} CPUs, "
@@ -122,6 +124,7 @@ def main() -> int:
             f"{row['name']:<22}{row['sampled_tokens_per_s']:>10.0f}{row['learner_steps_per_s']:>9.2f}"
             f"{row['learner_steps']:>7}{row['pass1_start']:>14.3f}{row['pass1_end']:>12.3f}"
             f"{row['max_staleness']:>10}{fit_a:>8}{fit_b:>8}"
+            f"{row['rollout_utilisation']:>10.0%}{row['learner_utilisation']:>11.0%}"
         )
     sync_row, async_row = rows
     throughput_ratio = async_row["sampled_tokens_per_s"] / sync_row["sampled_tokens_per_s"]
@@ -145,6 +148,10 @@ def main() -> int:
         "sampled_tokens_per_s_async": async_row["sampled_tokens_per_s"],
         "learner_steps_per_s_sync": sync_row["learner_steps_per_s"],
         "learner_steps_per_s_async": async_row["learner_steps_per_s"],
+        "rollout_utilisation_sync": sync_row["rollout_utilisation"],
+        "rollout_utilisation_async": async_row["rollout_utilisation"],
+        "learner_utilisation_sync": sync_row["learner_utilisation"],
+        "learner_utilisation_async": async_row["learner_utilisation"],
         "pass1_start": async_row["pass1_start"],
         "pass1_sync": sync_row["pass1_end"],
         "pass1_async": async_row["pass1_end"],

@@ -176,6 +176,7 @@ def run_pipeline(
     learner_refs: tuple | None = None
     batches_since_state: list[list[dict]] = []
     num_sampled_tokens = 0
+    rollout_busy_s = 0.0
     num_groups_generated = 0
     num_retired_seen = 0
     start = time.perf_counter()
@@ -293,6 +294,7 @@ def run_pipeline(
         idle.append(index)
         for group in groups:
             num_sampled_tokens += group["num_sampled_tokens"]
+            rollout_busy_s += group["rollout_busy_s"]
             num_groups_generated += 1
             pool.record(group["problem_id"], group["rewards"])
         num_retired_seen = len(pool.retired)
@@ -309,6 +311,9 @@ def run_pipeline(
         sampled_tokens_per_s=num_sampled_tokens / wall_s,
         learner_steps_per_s=len(record["steps"]) / wall_s,
         max_staleness_seen=max(staleness, default=0),
+        # Fraction of the wall time the rollout actors / the learner computed: what overlap buys.
+        rollout_utilisation=rollout_busy_s / (wall_s * len(actors)),
+        learner_utilisation=sum(m["learner_step_s"] for m in record["steps"]) / wall_s,
         mean_staleness=float(np.mean(staleness)) if staleness else 0.0,
         retired_prompts=num_retired_seen,
         final_version=published_version,

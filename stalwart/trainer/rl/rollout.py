@@ -15,6 +15,7 @@ end-of-thinking marker.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,7 @@ class RolloutWorker:
         """Sample and score one group per task ({"problem_id", "prompt", "answer"})."""
         if self.version < 0:
             raise RuntimeError("rollout worker has no weights yet; call load_weights first")
+        started = time.perf_counter()
         num_samples = self.config.rl.num_samples
         prompt_ids = [self.tokenizer.encode(task["prompt"]) for task in tasks]
         repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
@@ -142,6 +144,9 @@ class RolloutWorker:
                     "answers": [extract_answer(t) for t in answer_texts[rows]],
                 }
             )
+        busy_s = time.perf_counter() - started
+        for group in groups:  # each group carries its share of the call's busy time
+            group["rollout_busy_s"] = busy_s / len(groups)
         return groups
 
     @torch.no_grad()
