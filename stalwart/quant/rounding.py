@@ -23,6 +23,8 @@ that re-seeds the same way draws the same bits (see recipes.py for how seeds are
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -94,10 +96,19 @@ def draw_random_bits(
             f"num_random_bits must be in 1..{MAX_RANDOM_BITS} (8 is the hardware width), "
             f"got {num_random_bits}"
         )
-    dtype = torch.uint8 if num_random_bits <= 8 else torch.int32
-    return torch.randint(
-        0, 1 << num_random_bits, tuple(shape), generator=generator, device=device, dtype=dtype
-    )
+    shape = tuple(shape)
+    if num_random_bits > 8:
+        return torch.randint(
+            0, 1 << num_random_bits, shape, generator=generator, device=device, dtype=torch.int32
+        )
+    # Eight random bytes per full-range int64 draw: several times faster than randint(uint8).
+    num_elements = math.prod(shape)
+    words = torch.empty((num_elements + 7) // 8, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)
+    random_bytes = words.view(torch.uint8)[:num_elements].view(shape)
+    if num_random_bits < 8:
+        random_bytes = random_bytes >> (8 - num_random_bits)
+    return random_bytes
 
 
 def mix_seed(*values: int) -> int:

@@ -7,7 +7,9 @@ so block scales fit the values better (lower crest factor). `HadamardTransform` 
 block size and one sign vector; linear.py applies it to both operands of a GEMM.
 
 `fwht` is the fast transform: log2(d) vectorised butterfly stages over all blocks at once
-(O(n log d) adds, no d x d matrix), in natural (Sylvester) order, unnormalised.
+(O(n log d) adds, no d x d matrix), in natural (Sylvester) order, unnormalised. For the block
+sizes quantization uses (16..256) `HadamardTransform` multiplies by the d x d matrix instead,
+which is one BLAS call; both give the same transform (tests check one against the other).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import math
 import torch
 
 __all__ = ["hadamard_matrix", "fwht", "random_signs", "HadamardTransform"]
+
+# Up to this block size `HadamardTransform` multiplies by the dense d x d matrix: one BLAS call
+# beats log2(d) eager butterfly passes at these sizes; above it, `fwht` does O(n log d) work.
+DENSE_MAX_BLOCK = 256
 
 
 def _check_block_size(block_size: int) -> None:
@@ -77,6 +83,7 @@ class HadamardTransform:
         self.block_size = block_size
         self.seed = seed
         self._signs_by_device: dict[str, torch.Tensor] = {}
+        self._matrix_by_device: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def signs(self, device: torch.device | str) -> torch.Tensor | None:
         if self.seed is None:
@@ -95,12 +102,42 @@ class HadamardTransform:
         shape[dim] = x.shape[dim]
         return signs.repeat(repeats).view(shape).to(x.dtype)
 
+    def matrix(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """Q = diag(signs) H / sqrt(d) as a dense d x d matrix."""
+        key = (str(device), dtype)
+        if key not in self._matrix_by_device:
+            matrix = hadamard_matrix(self.block_size, torch.float64)
+            signs = self.signs("cpu")
+            if signs is not None:
+                matrix = signs.double()[:, None] * matrix
+            matrix = matrix / math.sqrt(self.block_size)
+            self._matrix_by_device[key] = matrix.to(device=device, dtype=dtype)
+        return self._matrix_by_device[key]
+
+    def _blockwise_product(self, x: torch.Tensor, dim: int, transpose: bool) -> torch.Tensor:
+        length = x.shape[dim]
+        if length % self.block_size:
+            raise ValueError(
+                f"dimension {dim} has length {length}, not a multiple of the Hadamard block "
+                f"size {self.block_size}; pad it with zeros first"
+            )
+        matrix = self.matrix(x.device, x.dtype)
+        moved = x.movedim(dim, -1)
+        product = moved.reshape(-1, self.block_size) @ (matrix.T if transpose else matrix)
+        return product.view(moved.shape).movedim(-1, dim)
+
     def apply(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """x Q block by block along `dim`."""
+        if self.block_size <= DENSE_MAX_BLOCK:
+            return self._blockwise_product(x, dim, transpose=False)
         signs = self._signs_along(x, dim)
         signed = x * signs if signs is not None else x
         return fwht(signed, self.block_size, dim).mul_(1.0 / math.sqrt(self.block_size))
 
     def invert(self, y: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """y Q^T block by block along `dim` (the inverse of `apply`)."""
+        if self.block_size <= DENSE_MAX_BLOCK:
+            return self._blockwise_product(y, dim, transpose=True)
         x = fwht(y, self.block_size, dim).mul_(1.0 / math.sqrt(self.block_size))
         signs = self._signs_along(x, dim)
         return x * signs if signs is not None else x

@@ -208,11 +208,28 @@ def test_fused_equals_two_step(spec, shape, dim):
     assert torch.allclose(values * tensor_scale, fused, rtol=2**-22, atol=0)
 
 
+@pytest.mark.parametrize(
+    "spec", [s for s in ALL_SPECS if s.scaling == "mx"], ids=lambda s: s.describe()
+)
+def test_fused_equals_two_step_at_the_ends_of_the_fp32_range(spec):
+    """The single-pass MX path rounds on x itself; huge blocks (> 2^96) take the divide route
+    and fp32-subnormal blocks hit the 2^-127 scale: both must still match the two-step path."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(12))
+    x[0] *= 2.0**100
+    x[1] *= 3e38 / x[1].abs().max()
+    x[2] *= 1e-40
+    x[3, :32] = 0.0
+    x[4, 7] = -x[4].abs().max() * 1.99  # just under a binade edge
+    two_step = quantize(x, spec, generator=torch.Generator().manual_seed(3)).dequantize()
+    fused = quantize_dequantize(x, spec, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fused, two_step)
+
+
 def test_cpu_chunking_does_not_change_results(monkeypatch):
     x = blocks_with_spread(100, 320, seed=8)
-    specs = [mx_spec("e4m3"), nv_spec(), nv_spec(rounding="stochastic")]
+    specs = [mx_spec("e4m3"), mx_spec("int8"), nv_spec(), nv_spec(rounding="stochastic")]
     whole = [quantize_dequantize(x, s, generator=torch.Generator().manual_seed(2)) for s in specs]
-    monkeypatch.setattr(mx, "CPU_CHUNK_ELEMENTS", 96)
+    monkeypatch.setattr(mx, "CPU_CHUNK_ELEMENTS", 80)  # 5 NV blocks, 2.5 MX blocks
     chunked = [quantize_dequantize(x, s, generator=torch.Generator().manual_seed(2)) for s in specs]
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)

@@ -70,3 +70,14 @@ def test_bad_sizes_raise_clear_errors():
         HadamardTransform(24)
     with pytest.raises(ValueError, match="not a multiple of the Hadamard block size 16"):
         fwht(torch.ones(3, 40), 16)
+
+
+@pytest.mark.parametrize("size", [16, 512])
+def test_dense_and_butterfly_paths_agree(size):
+    """Small blocks multiply by the dense matrix, large ones run the butterflies."""
+    transform = HadamardTransform(size, seed=9)
+    x = torch.randn(4, 2 * size, dtype=torch.float64)
+    signs = random_signs(size, 9).double().repeat(2)
+    expected = fwht(x * signs, size) / size**0.5
+    assert torch.allclose(transform.apply(x), expected, atol=1e-12)
+    assert torch.allclose(transform.invert(transform.apply(x)), x, atol=1e-12)

@@ -1,0 +1,340 @@
+"""Low-precision benchmark: quantization error, training quality and quantize throughput.
+
+    python bench/quant.py [--json FILE] [--png FILE] [--steps N] [--parts qsnr,training,throughput]
+
+1. QSNR (dB) of every format on Gaussian and heavy-tailed (Student-t, 3 degrees of freedom)
+   data, with and without a random Hadamard transform along the block dimension.
+2. Training quality: the same small GPT, data and steps through the Trainer for each recipe
+   (and the FP4 recipes with their Hadamard transform and stochastic rounding switched off);
+   held-out loss and its gap to bf16, plus a PNG of the loss curves.
+3. Throughput: quantize + dequantize GB/s (input bytes / time) per format against a plain
+   copy of the same tensor, both into preallocated outputs, measured interleaved in one run;
+   on CUDA as well when a device is present.
+With --json FILE it writes one JSON object with loss_gap, qsnr_db, throughput_fraction_of_copy
+and the full tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stalwart.quant.mx import QuantSpec, mx_spec, nv_spec, quantize_dequantize
+from stalwart.quant.transforms import HadamardTransform
+
+FORMATS: dict[str, QuantSpec] = {
+    "mxint8": mx_spec("int8", scale_rounding="ceil"),
+    "mxfp8_e4m3": mx_spec("e4m3", scale_rounding="ceil"),
+    "mxfp8_e5m2": mx_spec("e5m2", scale_rounding="ceil"),
+    "mxfp6_e2m3": mx_spec("e2m3", scale_rounding="ceil"),
+    "mxfp6_e3m2": mx_spec("e3m2", scale_rounding="ceil"),
+    "mxint4": mx_spec("int4", scale_rounding="ceil"),
+    "mxfp4": mx_spec("e2m1", scale_rounding="ceil"),
+    "nvint4": nv_spec("int4"),
+    "nvfp4": nv_spec("e2m1"),
+    "fp4_ue5m3": nv_spec("e2m1", scale="ue5m3"),
+    "fp8_tensor": QuantSpec(element="e4m3", scaling="tensor"),
+}
+THROUGHPUT_FORMATS: dict[str, QuantSpec] = {
+    "mxfp8_e4m3": FORMATS["mxfp8_e4m3"],
+    "mxfp8_e4m3_floor": mx_spec("e4m3"),
+    "mxint8": FORMATS["mxint8"],
+    "mxfp6_e2m3": FORMATS["mxfp6_e2m3"],
+    "mxfp4": FORMATS["mxfp4"],
+    "nvfp4": FORMATS["nvfp4"],
+    "nvfp4_sr": nv_spec("e2m1", rounding="stochastic"),
+    "nvint4": FORMATS["nvint4"],
+    "fp8_tensor": FORMATS["fp8_tensor"],
+}
+# FP4 recipes with their Hadamard transform and stochastic rounding switched off
+ABLATIONS = {
+    "nvfp4_no_rht_sr": ("nvfp4", ["quant.wgrad.hadamard_size=0", "quant.dgrad.grad_output.rounding=nearest", "quant.wgrad.grad_output.rounding=nearest"]),
+    "fp4_ue5m3_no_rht_sr": ("fp4_ue5m3", ["quant.wgrad.hadamard_size=0", "quant.dgrad.grad_output.rounding=nearest", "quant.wgrad.grad_output.rounding=nearest"]),
+    "nvint4_no_rht_sr": ("nvint4_rht", [*(f"quant.{g}.hadamard_size=0" for g in ("forward", "dgrad", "wgrad")), "quant.dgrad.grad_output.rounding=nearest", "quant.wgrad.grad_output.rounding=nearest"]),
+}  # fmt: skip
+RECIPES = ["bf16", "mxfp8", "mxint8", "fp8_tensorwise", "mxfp4", "nvfp4", "nvint4_rht", "fp4_ue5m3"]
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    text_rows = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text_rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in text_rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. QSNR
+
+
+def qsnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(10 * torch.log10(x.double().pow(2).sum() / (x.double() - y.double()).pow(2).sum()))
+
+
+def run_qsnr(rows: int, cols: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    data = {
+        "gaussian": torch.randn(rows, cols, generator=generator),
+        "student_t3": torch.distributions.StudentT(3.0).sample((rows, cols)),
+    }
+    results: dict[str, dict[str, float]] = {}
+    for name, spec in FORMATS.items():
+        results[name] = {}
+        for data_name, x in data.items():
+            results[name][data_name] = qsnr_db(x, quantize_dequantize(x, spec))
+            # the rotation is orthogonal: the error in the rotated basis is the error of x
+            size = spec.block_size if spec.is_blocked else 32
+            rotated = HadamardTransform(size, seed=1).apply(x)
+            results[name][f"{data_name}_rht"] = qsnr_db(rotated, quantize_dequantize(rotated, spec))
+    columns = ["gaussian", "gaussian_rht", "student_t3", "student_t3_rht"]
+    print_table(
+        f"QSNR (dB) on {rows}x{cols} tensors, blocks along the last dim, RHT = random Hadamard "
+        "of the block size",
+        ["format", "spec", *columns],
+        [
+            [name, FORMATS[name].describe(), *(results[name][c] for c in columns)]
+            for name in results
+        ],
+    )
+    checks = {
+        "mxint8 > mxfp8 (gaussian)": results["mxint8"]["gaussian"] > results["mxfp8_e4m3"]["gaussian"],
+        "nvint4+rht > nvfp4+rht (gaussian)": results["nvint4"]["gaussian_rht"] > results["nvfp4"]["gaussian_rht"],
+        "nvint4+rht > nvfp4 (student_t3)": results["nvint4"]["student_t3_rht"] > results["nvfp4"]["student_t3"],
+        "nvint4 < nvfp4 without rht (student_t3)": results["nvint4"]["student_t3"] < results["nvfp4"]["student_t3"],
+    }  # fmt: skip
+    for check, holds in checks.items():
+        print(f"  ordering {check}: {'holds' if holds else 'DOES NOT HOLD'}")
+    return {"table": results, "orderings": checks}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Training quality
+
+
+def run_training(steps: int, depth: int, precision: str, eval_batches: int) -> dict:
+    from stalwart.config import load_config
+    from stalwart.trainer.loop import Trainer
+
+    base = [
+        f"model.depth={depth}",
+        "model.context_length=64",
+        "data.num_examples=20000",
+        "trainer.batch_size=16",
+        f"trainer.max_steps={steps}",
+        f"trainer.precision={precision}",
+        f"trainer.eval_batches={eval_batches}",
+        f"trainer.num_threads={torch.get_num_threads()}",
+        "trainer.device=cpu",
+        "optim.warmup_steps=20",
+        "parallel.strategy=none",
+    ]
+    runs = {name: (name, []) for name in RECIPES}
+    runs.update(ABLATIONS)
+    curves: dict[str, list[float]] = {}
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        for label, (recipe, overrides) in runs.items():
+            config = load_config(None, [*base, f"quant.recipe={recipe}", *overrides])
+            trainer = Trainer(config, run_dir=run_dir)
+            started = time.perf_counter()
+            curves[label] = [trainer.train_step()["loss"] for _ in range(steps)]
+            elapsed_s = time.perf_counter() - started
+            eval_loss = trainer.evaluate()["eval_loss"]
+            tail = curves[label][-max(1, steps // 10) :]
+            results[label] = {
+                "eval_loss": eval_loss,
+                "train_loss_tail": statistics.fmean(tail),
+                "step_time_s": elapsed_s / steps,
+            }
+            print(f"  trained {label}: eval loss {eval_loss:.4f} ({elapsed_s:.0f} s)", flush=True)
+    baseline = results["bf16"]["eval_loss"]
+    for row in results.values():
+        row["gap_vs_bf16"] = row["eval_loss"] / baseline - 1
+    print_table(
+        f"Training: GPT depth {depth}, {steps} steps, batch 16 x 64 tokens, arithmetic data, "
+        f"trainer.precision={precision}; held-out loss over {eval_batches} batches",
+        ["recipe", "eval loss", "gap vs bf16 %", "train loss (last 10%)", "s/step"],
+        [
+            [label, r["eval_loss"], 100 * r["gap_vs_bf16"], r["train_loss_tail"], r["step_time_s"]]
+            for label, r in results.items()
+        ],
+    )
+    checks = {
+        "mxint8 within 0.5% of bf16": abs(results["mxint8"]["gap_vs_bf16"]) <= 0.005,
+        "mxfp8 within 0.5% of bf16": abs(results["mxfp8"]["gap_vs_bf16"]) <= 0.005,
+    }
+    for recipe, ablation in (
+        ("nvfp4", "nvfp4_no_rht_sr"),
+        ("fp4_ue5m3", "fp4_ue5m3_no_rht_sr"),
+        ("nvint4_rht", "nvint4_no_rht_sr"),
+    ):
+        closer = abs(results[recipe]["gap_vs_bf16"]) < abs(results[ablation]["gap_vs_bf16"])
+        checks[f"{recipe} (RHT+SR) closer to bf16 than {ablation}"] = closer
+    for check, holds in checks.items():
+        print(f"  target {check}: {'met' if holds else 'NOT MET'}")
+    return {"table": results, "curves": curves, "targets": checks}
+
+
+def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (full, zoom) = plt.subplots(1, 2, figsize=(13, 4.5))
+    window = 10
+    for label, losses in curves.items():
+        values = torch.tensor(losses)
+        smooth = values.unfold(0, window, 1).mean(1) if len(losses) >= window else values
+        steps = range(len(losses) - len(smooth) + 1, len(losses) + 1)
+        style = "--" if "no_rht" in label else "-"
+        for axis in (full, zoom):
+            axis.plot(list(steps), smooth.tolist(), style, label=label, linewidth=1.2)
+    zoom.set_xlim(len(next(iter(curves.values()))) // 2, None)
+    tail = [v for losses in curves.values() for v in losses[len(losses) // 2 :]]
+    zoom.set_ylim(min(tail) * 0.98, max(tail) * 1.02)
+    for axis, title in ((full, "training loss (10-step mean)"), (zoom, "second half")):
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    full.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"  wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Throughput
+
+
+def measure_throughput(device: str, num_elements: int, repeats: int) -> dict:
+    x = torch.randn(num_elements // 1024, 1024, device=device)
+    destination = torch.empty_like(x)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    operations = {"copy": lambda: destination.copy_(x)}
+    for name, spec in THROUGHPUT_FORMATS.items():
+        generator = torch.Generator(device=device).manual_seed(0)
+        operations[name] = lambda spec=spec, g=generator: quantize_dequantize(
+            x, spec, generator=g, out=destination
+        )
+    times: dict[str, list[float]] = {name: [] for name in operations}
+    for operation in operations.values():  # warm-up
+        operation()
+    for _ in range(repeats):  # interleaved, so load changes hit every operation alike
+        for name, operation in operations.items():
+            sync()
+            started = time.perf_counter()
+            operation()
+            sync()
+            times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    input_bytes = x.numel() * x.element_size()
+    results = {
+        name: {
+            "gb_per_s": input_bytes / median[name] / 1e9,
+            "fraction_of_copy": median["copy"] / median[name],
+        }
+        for name in operations
+    }
+    threads = torch.get_num_threads() if device == "cpu" else None
+    print_table(
+        f"Quantize+dequantize throughput on {device} ({input_bytes / 2**20:.0f} MiB fp32 input, "
+        f"into a preallocated output, median of {repeats} interleaved runs"
+        + (f", {threads} threads)" if threads else ")"),
+        ["operation", "spec", "GB/s", "fraction of copy"],
+        [
+            [name, THROUGHPUT_FORMATS[name].describe() if name != "copy" else "dst.copy_(src)",
+             r["gb_per_s"], r["fraction_of_copy"]]
+            for name, r in results.items()
+        ],
+    )  # fmt: skip
+    return {"table": results, "threads": threads, "input_bytes": input_bytes}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the results as one JSON object")
+    parser.add_argument("--png", type=Path, help="loss curves (default: next to --json)")
+    parser.add_argument("--parts", default="qsnr,training,throughput")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per recipe")
+    parser.add_argument("--depth", type=int, default=2, help="GPT depth for the training part")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--qsnr-shape", type=int, nargs=2, default=[1024, 4096])
+    parser.add_argument("--throughput-mib", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for every part (1: stable figures on a shared machine)",
+    )
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    unknown = parts - {"qsnr", "training", "throughput"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from qsnr, training, throughput")
+
+    torch.set_num_threads(args.threads)
+    output: dict = {"torch": torch.__version__, "cpu_threads": args.threads}
+    if "qsnr" in parts:
+        qsnr = run_qsnr(*args.qsnr_shape)
+        output["qsnr"] = qsnr
+        output["qsnr_db"] = {name: row["gaussian"] for name, row in qsnr["table"].items()}
+    if "training" in parts:
+        training = run_training(args.steps, args.depth, args.precision, args.eval_batches)
+        output["training"] = {k: v for k, v in training.items() if k != "curves"}
+        output["training"]["curves"] = training["curves"]
+        output["loss_gap"] = {
+            label: row["gap_vs_bf16"] for label, row in training["table"].items() if label != "bf16"
+        }
+        png = args.png or (
+            args.json.with_suffix(".png") if args.json else Path("runs/bench/quant.png")
+        )
+        plot_curves(training["curves"], png)
+        output["png"] = str(png)
+    if "throughput" in parts:
+        num_elements = args.throughput_mib * 2**20 // 4
+        output["throughput"] = {"cpu": measure_throughput("cpu", num_elements, args.repeats)}
+        if torch.cuda.is_available():
+            output["throughput"]["cuda"] = measure_throughput(
+                "cuda", num_elements * 16, args.repeats
+            )
+        output["throughput_fraction_of_copy"] = {
+            name: row["fraction_of_copy"]
+            for name, row in output["throughput"]["cpu"]["table"].items()
+            if name != "copy"
+        }
+        if "cuda" in output["throughput"]:
+            output["throughput_fraction_of_copy_cuda"] = {
+                name: row["fraction_of_copy"]
+                for name, row in output["throughput"]["cuda"]["table"].items()
+                if name != "copy"
+            }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(output, indent=1, default=bool))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
