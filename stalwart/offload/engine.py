@@ -154,6 +154,7 @@ class _Unit:
     mv_future: Future | None = None
     g_buffer: object = None
     g_future: Future | None = None
+    g_write: Future | None = None  # the last write of the gradient span, read after it only
     device_copies: list = field(default_factory=list)
 
     @property
@@ -580,6 +581,8 @@ class OffloadEngine:
 
     def _start_grad_read(self, unit: _Unit) -> None:
         if unit.state_bytes and unit.g_buffer is None and not self._first_microbatch:
+            if unit.g_write is not None:
+                unit.g_write.result()  # reads and writes run on different threads
             unit.g_buffer = self.pool.acquire(unit.state_bytes)
             unit.g_future = self.store.read_span(unit.grad_offset, unit.state_bytes, unit.g_buffer)
 
@@ -767,6 +770,7 @@ class OffloadEngine:
         future = self.store.write_span(unit.grad_offset, unit.state_bytes, buffer)
         future.add_done_callback(lambda _f, b=buffer: b.release())
         self._writes.append(future)
+        unit.g_write = future
 
     def _hand_to_optimizer(self, unit: _Unit, updated: list[tuple[_Slot, torch.Tensor]]) -> None:
         p_buffer, mv_buffer, mv_future = unit.p_buffer, unit.mv_buffer, unit.mv_future
