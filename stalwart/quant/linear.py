@@ -32,7 +32,14 @@ from stalwart.quant.mx import QuantSpec, quantize_for_gemm
 from stalwart.quant.rounding import make_generator, mix_seed
 from stalwart.quant.transforms import HadamardTransform
 
-__all__ = ["GemmQuant", "LinearQuant", "QuantLinear", "quantized_matmul", "GEMM_OPERANDS"]
+__all__ = [
+    "GemmQuant",
+    "LinearQuant",
+    "QuantLinear",
+    "quantized_matmul",
+    "native_fp8_available",
+    "GEMM_OPERANDS",
+]
 
 # The two operands of each GEMM, in (a, b) order for C = a @ b^T.
 GEMM_OPERANDS = {
@@ -92,8 +99,13 @@ class LinearQuant:
         return self.forward.is_identity and self.dgrad.is_identity and self.wgrad.is_identity
 
 
+def native_fp8_available(device: torch.device) -> bool:
+    """FP8 tensor-core GEMMs: CUDA compute capability 8.9+ (Ada, Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _native_fp8_eligible(a: torch.Tensor, b: torch.Tensor, gemm: GemmQuant) -> bool:
-    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (8, 9):
+    if not native_fp8_available(a.device):
         return False
     specs = (gemm.a, gemm.b)
     if any(s.scaling != "tensor" or s.element not in _FP8_ELEMENTS for s in specs):

@@ -240,6 +240,11 @@ class _Scales:
     saturates: bool  # False when the scale rule guarantees |x / divisor| <= element max
 
 
+def _runs_chunked(rows: torch.Tensor) -> bool:
+    """CPU tensors go through the cache-sized chunk loops; accelerators take whole-tensor ops."""
+    return rows.device.type == "cpu"
+
+
 def _block_amax(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Absolute max per block [R, K/B] (per tile [R/B, K/B] for 2-D); NaN propagates.
 
@@ -251,7 +256,7 @@ def _block_amax(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         tiles = rows.view(rows.shape[0] // block, block, rows.shape[1] // block, block)
         return torch.maximum(tiles.amax(dim=(1, 3)), tiles.amin(dim=(1, 3)).neg_())
     blocks = rows.view(-1, block)
-    if rows.device.type != "cpu":
+    if not _runs_chunked(rows):
         amax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_())
         return amax.view(rows.shape[0], -1)
     amax = torch.empty(blocks.shape[0])
@@ -408,7 +413,7 @@ _X_DOMAIN_MAX_AMAX = 2.0**96
 
 def _uses_single_pass_mx(rows: torch.Tensor, spec: QuantSpec) -> bool:
     return (
-        rows.device.type == "cpu"
+        _runs_chunked(rows)
         and spec.scaling == "mx"
         and not spec.block_2d
         and spec.rounding == "nearest"
@@ -487,7 +492,7 @@ def _fused_mx_cpu(rows: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> tor
 
 
 def _uses_chunked_nv(rows: torch.Tensor, spec: QuantSpec) -> bool:
-    return rows.device.type == "cpu" and spec.scaling == "nv" and not spec.block_2d
+    return _runs_chunked(rows) and spec.scaling == "nv" and not spec.block_2d
 
 
 def _fused_nv_cpu(
@@ -542,7 +547,7 @@ def _fused_rows(
     bits = random_bits.view(-1, width) if random_bits is not None else None
     multiplier = scales.full_multiplier if apply_tensor_scale else scales.gemm_multiplier
     divisor = scales.divisor
-    if rows.device.type != "cpu":
+    if not _runs_chunked(rows):
         _quantize_chunk_(
             blocks_out, blocks_in, torch.empty_like(blocks_in), divisor, multiplier,
             scales.saturates, element, spec, bits,

@@ -235,6 +235,19 @@ def test_cpu_chunking_does_not_change_results(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.describe())
+def test_accelerator_code_path_matches_the_cpu_paths(spec, monkeypatch):
+    """CPU twin of the CUDA path: whole-tensor ops instead of the chunk loops and per-chunk
+    scales (tests/quant/test_linear.py checks CUDA against CPU bit for bit on a GPU)."""
+    x = blocks_with_spread(40, 96, seed=13)
+    x[5, 3] = math.nan
+    expected = quantize_dequantize(x, spec, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(mx, "_runs_chunked", lambda rows: False)
+    whole = quantize_dequantize(x, spec, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.isnan(whole), torch.isnan(expected))
+    assert torch.equal(whole.nan_to_num(), expected.nan_to_num())
+
+
 def test_out_argument_receives_the_result():
     x = blocks_with_spread(16, 64, seed=9)
     out = torch.empty_like(x)
