@@ -33,7 +33,9 @@ def rng_state() -> dict:
         "torch_cpu": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["torch_cuda"] = {str(i): torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())}
+        state["torch_cuda"] = {
+            str(i): torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())
+        }
     return state
 
 
@@ -51,7 +53,7 @@ def load_rng_state(state: dict) -> None:
             numpy_state["cached_gauss"],
         )
     )
-    torch.set_rng_state(state["torch_cpu"].to(torch.uint8))
+    torch.set_rng_state(state["torch_cpu"].to(torch.uint8).clone())
     for index, cuda_state in state.get("torch_cuda", {}).items():
         if torch.cuda.is_available() and int(index) < torch.cuda.device_count():
-            torch.cuda.set_rng_state(cuda_state.to(torch.uint8), int(index))
+            torch.cuda.set_rng_state(cuda_state.to(torch.uint8).clone(), int(index))

@@ -1,0 +1,485 @@
+"""JobController: places the worker group and the snapshot managers, watches them, recovers.
+
+The controller is the only component that decides. Workers and managers report and obey.
+
+Placement: `cluster.num_nodes` active nodes (positions 0..N-1), `cluster.workers_per_node`
+ranks each, one SnapshotManager per active node; the remaining nodes are spares.
+
+Health: every worker reports its step; a worker whose `run` call fails (RayActorError: the
+process died) or that makes no progress within `cluster.hang_timeout_s` (a hung collective)
+is a failure. It is a node failure when the node left the cluster or its manager is gone,
+else a process failure.
+
+Recovery: stop every worker (killing the processes also tears down their gloo/NCCL groups, so
+no hung collective survives), pick the newest version committed on the live managers, rebuild
+lost positions on spare nodes from the erasure-coded fragments, start a fresh worker group
+that loads that version from local manager memory, and re-form the process group with a new
+rendezvous. With the same world size the run continues bit-for-bit. When the erasure code
+cannot cover the loss, the newest durable checkpoint is used and the lost steps are reported.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from stalwart.config import RunConfig, save_config
+from stalwart.launch.cluster import ClusterHandle
+from stalwart.launch.worker import TrainWorker
+
+POLL_S = 0.25
+
+
+class JobFailed(RuntimeError):
+    """The job could not continue (too many recoveries, no capacity, nothing to restore)."""
+
+
+@dataclass
+class Failure:
+    kind: str  # "process", "node", "hang"
+    ranks: list[int]
+    lost_positions: list[int] = field(default_factory=list)
+    detail: str = ""
+    detected_at: float = field(default_factory=time.perf_counter)
+    step: int = 0
+
+
+@dataclass
+class Recovery:
+    kind: str
+    restored_version: int | None
+    source: str  # "memory", "erasure", "durable", "scratch"
+    lost_steps: int
+    detection_s: float
+    teardown_s: float
+    rebuild_s: float
+    restart_s: float
+    reform_s: float
+    detail: str = ""
+
+    @property
+    def total_s(self) -> float:
+        return self.detection_s + self.teardown_s + self.rebuild_s + self.restart_s + self.reform_s
+
+    def summary(self) -> str:
+        version = "none" if self.restored_version is None else f"step {self.restored_version}"
+        return (
+            f"recovered from {self.kind} failure: restored {version} from {self.source}, "
+            f"lost {self.lost_steps} step(s); detect {self.detection_s:.2f}s, teardown "
+            f"{self.teardown_s:.2f}s, rebuild {self.rebuild_s:.2f}s, restart {self.restart_s:.2f}s, "
+            f"re-form {self.reform_s:.2f}s, total {self.total_s:.2f}s"
+        )
+
+
+class JobController:
+    def __init__(
+        self,
+        config: RunConfig,
+        cluster: ClusterHandle,
+        run_dir: str | Path,
+        *,
+        sinks=None,
+        log=print,
+    ):
+        self.config = config
+        self.cluster = cluster
+        self.run_dir = Path(run_dir)
+        self.job_id = uuid.uuid4().hex[:8]
+        self.sinks = sinks
+        self.log = log
+        self.world_size = config.parallel.world_size
+        self.workers_per_node = config.cluster.workers_per_node
+        if self.world_size != config.cluster.num_nodes * self.workers_per_node:
+            raise ValueError(
+                f"parallel.world_size ({self.world_size}) must equal cluster.num_nodes "
+                f"({config.cluster.num_nodes}) x cluster.workers_per_node ({self.workers_per_node})"
+            )
+        self.positions = list(range(config.cluster.num_nodes))
+        self.node_of: dict[int, str] = {}  # position -> Ray node id
+        self.managers: dict[int, object] = {}
+        self.workers: dict[int, object] = {}
+        self.cursors: dict[int, int] = {}
+        self.recoveries: list[Recovery] = []
+        self.pending_faults = [event.model_dump() for event in config.faults.events]
+        self.fault_log: list[dict] = []
+        self.last_step = 0
+        self.attempt = 0
+        self.history: list[dict] = []
+
+    # -- placement -----------------------------------------------------------------------
+
+    def position_of_rank(self, rank: int) -> int:
+        return rank // self.workers_per_node
+
+    def ranks_of(self, position: int) -> list[int]:
+        return [position * self.workers_per_node + i for i in range(self.workers_per_node)]
+
+    def _pin(self, node_id: str):
+        return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+    def _spare_nodes(self) -> list[str]:
+        used = set(self.node_of.values())
+        return [node.node_id for node in self.cluster.alive_nodes() if node.node_id not in used]
+
+    def start(self, resume_step: int | None = None) -> None:
+        save_config(self.config, self.run_dir)
+        alive = self.cluster.alive_nodes()
+        if len(alive) < len(self.positions):
+            raise JobFailed(
+                f"cluster.num_nodes is {len(self.positions)} but the cluster has {len(alive)} live "
+                "worker nodes"
+            )
+        for position in self.positions:
+            self.node_of[position] = alive[position].node_id
+        if self.config.snapshot.enabled:
+            for position in self.positions:
+                self._start_manager(position)
+            self._wire_managers()
+        self._start_workers(restore_version=None, durable_step=resume_step)
+
+    def _start_manager(self, position: int):
+        from stalwart.snapshot.manager import RemoteSnapshotManager
+
+        snapshot = self.config.snapshot
+        manager = RemoteSnapshotManager.options(
+            scheduling_strategy=self._pin(self.node_of[position])
+        ).remote(
+            job_id=self.job_id,
+            position=position,
+            positions=self.positions,
+            ranks=self.ranks_of(position),
+            group_size=snapshot.erasure.group_size,
+            parity=snapshot.erasure.parity,
+            run_dir=str(self.run_dir),
+            persist_every=snapshot.persist_every,
+            keep=snapshot.keep,
+            num_threads=snapshot.manager_num_threads,
+            wait_timeout_s=self.config.cluster.hang_timeout_s,
+        )
+        self.managers[position] = manager
+        return manager
+
+    def _wire_managers(self) -> None:
+        ray.get([m.set_peers.remote(self.managers) for m in self.managers.values()])
+
+    def _start_workers(
+        self, *, restore_version: int | None, durable_step: int | None = None
+    ) -> float:
+        """Create the worker group, rendezvous, build/restore every Trainer. Returns seconds spent."""
+        started = time.perf_counter()
+        config = self.config.to_dict()
+        cluster_config = self.config.cluster
+        self.workers = {}
+        for rank in range(self.world_size):
+            position = self.position_of_rank(rank)
+            self.workers[rank] = TrainWorker.options(
+                num_cpus=cluster_config.cpus_per_worker,
+                num_gpus=cluster_config.gpus_per_worker,
+                scheduling_strategy=self._pin(self.node_of[position]),
+            ).remote(
+                config,
+                rank=rank,
+                world_size=self.world_size,
+                run_dir=str(self.run_dir),
+                position=position,
+            )
+        master_addr, master_port = ray.get(self.workers[0].endpoint.remote())
+        setups = [
+            worker.setup.remote(
+                master_addr,
+                master_port,
+                manager=self.managers.get(self.position_of_rank(rank)),
+                restore_version=restore_version,
+                durable_step=durable_step,
+                fault_events=self._worker_faults(rank),
+                attempt=self.attempt,
+            )
+            for rank, worker in self.workers.items()
+        ]
+        results = ray.get(setups, timeout=max(120.0, cluster_config.hang_timeout_s))
+        self.cursors = {rank: 0 for rank in self.workers}
+        self.last_step = results[0]["step"]
+        return time.perf_counter() - started
+
+    def _worker_faults(self, rank: int) -> list[dict]:
+        return [
+            e
+            for e in self.pending_faults
+            if e["kind"] in ("kill_worker", "hang_worker") and e["rank"] == rank
+        ]
+
+    # -- running and watching ------------------------------------------------------------------
+
+    def run(self) -> dict:
+        max_steps = self.config.trainer.max_steps
+        while True:
+            refs = {rank: worker.run.remote(max_steps) for rank, worker in self.workers.items()}
+            failure = self._watch(refs)
+            if failure is None:
+                break
+            if len(self.recoveries) >= self.config.cluster.max_recoveries:
+                raise JobFailed(
+                    f"gave up after {len(self.recoveries)} recoveries: {failure.detail}"
+                )
+            self._recover(failure)
+        self._drain_progress()
+        for manager in self.managers.values():
+            try:
+                ray.get(manager.flush_durable.remote(), timeout=600)
+            except Exception as error:  # the durable tier is best effort at the very end
+                self.log(f"durable tier flush failed: {error!r}")
+        return {"step": self.last_step, "recoveries": self.recoveries, "faults": self.fault_log}
+
+    def _watch(self, refs: dict) -> Failure | None:
+        pending = dict(refs)
+        hang_timeout_s = self.config.cluster.hang_timeout_s
+        while pending:
+            done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_S)
+            for ref in done:
+                rank = next(r for r, v in pending.items() if v == ref)
+                try:
+                    ray.get(ref)
+                    del pending[rank]
+                except (RayActorError, RayTaskError) as error:
+                    cause = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+                    return self._classify([rank], f"rank {rank}: {type(error).__name__}: {cause}")
+            idle = self._drain_progress()
+            injected = self._controller_faults()
+            if injected is not None:
+                return injected
+            stalled = [
+                rank for rank, idle_s in idle.items() if idle_s > hang_timeout_s and rank in pending
+            ]
+            if stalled:
+                failure = self._classify(stalled, f"no progress for {hang_timeout_s:.0f} s")
+                if failure.kind == "process":
+                    failure.kind = "hang"
+                return failure
+        return None
+
+    def _drain_progress(self) -> dict[int, float]:
+        idle = {}
+        for rank, worker in self.workers.items():
+            try:
+                report = ray.get(worker.progress.remote(self.cursors[rank]), timeout=5.0)
+            except (RayActorError, GetTimeoutError, RayTaskError):
+                idle[rank] = float("inf")
+                continue
+            self.cursors[rank] = report["cursor"]
+            idle[rank] = report["idle_s"]
+            if rank == 0:
+                for record in report["records"]:
+                    record["attempt"] = self.attempt
+                    self.history.append(record)
+                    self.last_step = int(record["step"])
+                    if self.sinks is not None:
+                        self.sinks.log(record, int(record["step"]))
+        return idle
+
+    def _classify(self, ranks: list[int], detail: str) -> Failure:
+        alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
+        lost = []
+        for position, node_id in self.node_of.items():
+            manager_alive = True
+            if position in self.managers:
+                try:
+                    ray.get(self.managers[position].ping.remote(), timeout=5.0)
+                except Exception:
+                    manager_alive = False
+            if node_id not in alive_nodes or not manager_alive:
+                lost.append(position)
+        kind = "node" if lost else "process"
+        return Failure(
+            kind=kind, ranks=ranks, lost_positions=lost, detail=detail, step=self.last_step
+        )
+
+    # -- fault injection driven from here (node, manager, fragment) ----------------------------
+
+    def _controller_faults(self) -> Failure | None:
+        for event in list(self.pending_faults):
+            if event["kind"] in ("kill_worker", "hang_worker") or self.last_step < event["step"]:
+                continue
+            self.pending_faults.remove(event)
+            self.fault_log.append({**event, "at_step": self.last_step})
+            position = (
+                event["node"] if event["node"] is not None else self.position_of_rank(event["rank"])
+            )
+            if event["kind"] == "kill_node":
+                self.log(f"fault: removing node at position {position} (step {self.last_step})")
+                self.cluster.remove_node(self.node_of[position])
+            elif event["kind"] == "kill_manager":
+                self.log(f"fault: killing the snapshot manager at position {position}")
+                ray.kill(self.managers[position], no_restart=True)
+            elif event["kind"] == "corrupt_fragment":
+                self._corrupt(position, event["rank"])
+        return None
+
+    def _corrupt(self, position: int, rank: int) -> None:
+        status = ray.get(self.managers[position].status.remote())
+        if status["committed"] is not None:
+            self.log(
+                f"fault: corrupting rank {rank}'s copy of version {status['committed']} in memory"
+            )
+            ray.get(self.managers[position].corrupt.remote(rank, status["committed"]))
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def _recover(self, failure: Failure) -> None:
+        detection_s = time.perf_counter() - failure.detected_at
+        if failure.kind == "hang":
+            detection_s += self.config.cluster.hang_timeout_s
+        self.log(f"failure detected ({failure.kind}): {failure.detail}")
+        # Faults that fired must not fire again when the same steps run a second time.
+        self.pending_faults = [
+            e
+            for e in self.pending_faults
+            if not (
+                e["kind"] in ("kill_worker", "hang_worker")
+                and e["rank"] in failure.ranks
+                and e["step"] <= failure.step + 1
+            )
+        ]
+        self.attempt += 1
+
+        started = time.perf_counter()
+        for worker in self.workers.values():
+            ray.kill(worker, no_restart=True)
+        self.workers = {}
+        teardown_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        version, source, detail = self._restore_point(failure)
+        rebuild_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        durable_step = version if source == "durable" else None
+        memory_version = version if source in ("memory", "erasure") else None
+        restart_and_reform_s = self._start_workers(
+            restore_version=memory_version, durable_step=durable_step
+        )
+        lost_steps = max(0, failure.step - (version or 0))
+        recovery = Recovery(
+            kind=failure.kind,
+            restored_version=version,
+            source=source,
+            lost_steps=lost_steps,
+            detection_s=detection_s,
+            teardown_s=teardown_s,
+            rebuild_s=rebuild_s,
+            restart_s=restart_and_reform_s,
+            reform_s=0.0,
+            detail=detail,
+        )
+        self.recoveries.append(recovery)
+        self.log(recovery.summary())
+        if self.sinks is not None:
+            self.sinks.log(
+                {"recovery_s": recovery.total_s, "lost_steps": float(lost_steps)}, self.last_step
+            )
+
+    def _restore_point(self, failure: Failure) -> tuple[int | None, str, str]:
+        """Which version to restore and from where; rebuilds lost positions on spares."""
+        if not self.managers:
+            return None, "scratch", "snapshots are disabled: restarting from step 0"
+        lost = list(failure.lost_positions)
+        statuses = {}
+        for position, manager in self.managers.items():
+            if position in lost:
+                continue
+            try:
+                statuses[position] = ray.get(manager.status.remote(), timeout=10.0)
+            except Exception:
+                lost.append(position)
+        committed = [s["committed"] for s in statuses.values() if s["committed"] is not None]
+        version = max(committed) if committed else None
+        if not lost:
+            return version, "memory", ""
+        # Node (or manager) loss: replace the lost positions.
+        for position in lost:
+            spare = self._take_node(position)
+            self.node_of[position] = spare
+            self._start_manager(position)
+        self._wire_managers()
+        if version is None:
+            return self._durable_fallback("no version was committed before the loss")
+        from stalwart.erasure.layout import ErasureLayout
+
+        layout = ErasureLayout(
+            self.positions,
+            self.config.snapshot.erasure.group_size,
+            self.config.snapshot.erasure.parity,
+        )
+        plan = layout.recovery_plan(lost)
+        if not plan.recoverable:
+            return self._durable_fallback(
+                plan.reason or f"{len(lost)} positions lost beyond the parity"
+            )
+        survivor = next(p for p in self.positions if p not in lost)
+        meta = ray.get(self.managers[survivor].version_meta.remote(version))
+        try:
+            ray.get([self.managers[p].rebuild.remote(version, lost, meta) for p in lost])
+        except Exception as error:
+            return self._durable_fallback(f"erasure rebuild failed: {error}")
+        return version, "erasure", f"rebuilt positions {lost} from parity"
+
+    def _take_node(self, position: int) -> str:
+        deadline = time.monotonic() + self.config.cluster.capacity_timeout_s
+        while True:
+            spares = self._spare_nodes()
+            if spares:
+                self.log(f"position {position} moves to spare node {spares[0][:8]}")
+                return spares[0]
+            if time.monotonic() > deadline:
+                raise JobFailed(
+                    f"no spare node for position {position} within cluster.capacity_timeout_s "
+                    f"({self.config.cluster.capacity_timeout_s:.0f} s); add a node or set cluster.elastic"
+                )
+            time.sleep(1.0)
+
+    def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
+        from stalwart.snapshot.persist import latest_step
+
+        step = latest_step(self.run_dir)
+        for manager in self.managers.values():
+            ray.get(manager.reset.remote())
+        if step is None:
+            self.log(
+                f"cannot restore from memory ({why}) and no durable checkpoint exists: restarting from step 0"
+            )
+            return None, "scratch", why
+        self.log(
+            f"cannot restore from memory ({why}): falling back to the durable checkpoint of step {step}"
+        )
+        return step, "durable", why
+
+    # -- results and teardown ------------------------------------------------------------------
+
+    def state_arrays(self) -> dict[int, dict]:
+        return {
+            rank: ray.get(worker.local_state_arrays.remote())
+            for rank, worker in self.workers.items()
+        }
+
+    def shutdown(self) -> None:
+        for worker in self.workers.values():
+            try:
+                ray.get(worker.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(worker, no_restart=True)
+        for manager in self.managers.values():
+            try:
+                ray.get(manager.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+            ray.kill(manager, no_restart=True)
+        self.workers, self.managers = {}, {}
+        from stalwart.snapshot.shm import remove_regions
+
+        remove_regions(f"stalwart-{self.job_id}-")

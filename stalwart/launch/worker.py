@@ -1,0 +1,167 @@
+"""TrainWorker: the Ray actor that hosts one rank's Trainer.
+
+The controller creates one per rank, pinned to a node, and drives it: `setup` joins a fresh
+process group and builds (or restores) the Trainer, `run` steps until a target step, and
+`progress` (answered from another thread while `run` works) hands over the metrics recorded
+since the last poll, so the driver logs them and sees whether the rank still makes progress.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import ray
+import torch
+
+from stalwart.config import config_from_dict
+from stalwart.trainer import parallel
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class StopRequested(Exception):
+    """Raised inside `run` when the controller asked the worker to stop."""
+
+
+@ray.remote(max_concurrency=4)
+class TrainWorker:
+    def __init__(self, config: dict, *, rank: int, world_size: int, run_dir: str, position: int):
+        self.config = config_from_dict(config)
+        self.rank = rank
+        self.world_size = world_size
+        self.run_dir = run_dir
+        self.position = position
+        self.trainer = None
+        self.agent = None
+        self.records: list[dict] = []
+        self.last_progress_s = time.monotonic()
+        self._stop = threading.Event()
+        self._faults = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def endpoint(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(
+        self,
+        master_addr: str,
+        master_port: int,
+        *,
+        manager=None,
+        restore_version: int | None = None,
+        durable_step: int | None = None,
+        fault_events: list[dict] | None = None,
+        attempt: int = 0,
+    ) -> dict:
+        """Join the process group, build the Trainer, restore a snapshot version if asked."""
+        from stalwart.trainer.loop import Trainer
+
+        config = self.config
+        threads = config.trainer.num_threads or max(1, int(config.cluster.cpus_per_worker))
+        torch.set_num_threads(threads)
+        if self.world_size > 1:
+            backend = parallel.pick_backend(config.parallel.backend, torch.device("cpu"))
+            parallel.init_process_group(
+                backend=backend,
+                master_addr=master_addr,
+                master_port=master_port,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout_s=config.cluster.hang_timeout_s,
+            )
+        self.trainer = Trainer(
+            config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
+        )
+        restored_from = None
+        if durable_step is not None:
+            from stalwart.snapshot.restore import load_from_durable
+
+            load_from_durable(self.trainer, self.run_dir, self.rank, durable_step)
+            restored_from = f"durable step {durable_step}"
+        if manager is not None and config.snapshot.enabled:
+            from stalwart.snapshot.agent import SnapshotAgent
+            from stalwart.snapshot.restore import load_from_manager
+
+            if restore_version is not None:
+                load_from_manager(self.trainer, manager, self.rank, restore_version)
+                restored_from = f"memory version {restore_version}"
+            self.agent = SnapshotAgent(
+                self.trainer, manager, rank=self.rank, every_steps=config.snapshot.every_steps
+            )
+        if fault_events:
+            from stalwart.launch.faults import FaultInjector
+
+            self._faults = FaultInjector(fault_events, rank=self.rank, attempt=attempt)
+            self.trainer.phase_hooks.append(self._faults.on_phase)
+        self.last_progress_s = time.monotonic()
+        return {
+            "rank": self.rank,
+            "step": self.trainer.step,
+            "restored_from": restored_from,
+            "pid": os.getpid(),
+        }
+
+    def run(self, until_step: int) -> dict:
+        """Train until `until_step`; returns the final step."""
+        trainer = self.trainer
+        eval_every = self.config.trainer.eval_every
+        while trainer.step < until_step:
+            if self._stop.is_set():
+                raise StopRequested(f"rank {self.rank} stopped at step {trainer.step}")
+            record = trainer.train_step()
+            record["step"] = trainer.step
+            if self.agent is not None:
+                record.update(self.agent.metrics())
+            if eval_every and trainer.step % eval_every == 0:
+                record.update(trainer.evaluate())
+            self.records.append(record)
+            self.last_progress_s = time.monotonic()
+        if self.agent is not None:
+            self.agent.flush()
+        return {"rank": self.rank, "step": trainer.step}
+
+    def progress(self, cursor: int = 0) -> dict:
+        step = self.trainer.step if self.trainer is not None else 0
+        return {
+            "rank": self.rank,
+            "step": step,
+            "idle_s": time.monotonic() - self.last_progress_s,
+            "records": self.records[cursor:],
+            "cursor": len(self.records),
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def local_state_arrays(self) -> dict[str, np.ndarray]:
+        """This rank's parameters and optimizer state as raw arrays (bf16 viewed as int16)."""
+        arrays = {}
+        state = self.trainer.state_dict()
+        for name, tensor in state["model"].items():
+            arrays[f"model/{name}"] = _raw(tensor)
+        for name, entries in state["optim"].items():
+            for key, tensor in entries.items():
+                arrays[f"optim/{name}/{key}"] = _raw(tensor)
+        return arrays
+
+    def shutdown(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+        parallel.destroy_process_group()
+
+
+def _raw(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().copy()

@@ -1,0 +1,518 @@
+"""SnapshotManager: one Ray actor per node that owns the node's snapshot memory.
+
+It is a separate, CPU-only process from the trainers, so a crashed trainer loses nothing that
+was committed. For every local rank it owns two shared-memory slots (double buffering); the
+trainer's agent copies a new version into the slot that does not hold the newest committed one.
+
+A version's life:
+1. each local rank's agent `publish`es it; the manager verifies the checksums;
+2. once every local rank is verified, the manager computes the parity fragments it holds for
+   its erasure group (pulling the data chunks it needs from peer managers) and tells every
+   peer that its part of the version is `ready`, with the ranks' layouts (so any survivor can
+   describe a lost node's state);
+3. when every position has reported ready, the version is committed here and older versions
+   (their parity and the slots' claims) are released. Commit implies that every position has
+   its data and parity, so the newest version committed on *any* live manager is complete on
+   all of them: that is the version recovery restores.
+
+Every `persist_every`-th committed version is written to the durable tier by the manager at
+position 0, in a background thread, while training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from stalwart.erasure.layout import ErasureLayout, compute_parity, rebuild_shard
+from stalwart.snapshot import shm
+from stalwart.snapshot.state import SnapshotCorruptError
+from stalwart.snapshot.state import checksums as compute_checksums
+
+
+@dataclass
+class RankVersion:
+    slot: int
+    layout_json: str
+    checksums: list[int]
+    total_bytes: int
+
+
+@dataclass
+class VersionState:
+    local: dict[int, RankVersion] = field(default_factory=dict)  # rank -> this node's copy
+    ready_positions: set[int] = field(default_factory=set)
+    rank_meta: dict[int, dict] = field(default_factory=dict)  # every rank's layout, from ready()
+    parity: dict[str, bytes] = field(default_factory=dict)
+    failed: str | None = None
+    encoded: bool = False
+
+
+class _PeerShards(Mapping):
+    """Node shards of one version, fetched from peer managers on first use."""
+
+    def __init__(self, manager: SnapshotManager, version: int, alive: set[int]):
+        self._manager = manager
+        self._version = version
+        self._alive = alive
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, position):
+        if position not in self._alive:
+            raise KeyError(position)
+        if position not in self._cache:
+            if position == self._manager.position:
+                self._cache[position] = self._manager.node_shard(self._version)
+            else:
+                peer = self._manager.peers[position]
+                self._cache[position] = ray.get(peer.node_shard.remote(self._version))
+        return self._cache[position]
+
+    def __contains__(self, position):
+        return position in self._alive
+
+    def __iter__(self):
+        return iter(sorted(self._alive))
+
+    def __len__(self):
+        return len(self._alive)
+
+
+class SnapshotManager:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        position: int,
+        positions: list[int],
+        ranks: list[int],
+        group_size: int,
+        parity: int,
+        run_dir: str,
+        persist_every: int = 0,
+        keep: int = 2,
+        num_threads: int = 1,
+        wait_timeout_s: float = 60.0,
+    ):
+        self.job_id = job_id
+        self.position = position
+        self.positions = list(positions)
+        self.ranks = sorted(ranks)
+        self.layout = ErasureLayout(self.positions, group_size, parity)
+        self.run_dir = Path(run_dir)
+        self.persist_every = persist_every
+        self.keep = keep
+        self.num_threads = num_threads
+        self.wait_timeout_s = wait_timeout_s
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.regions: dict[int, list[shm.Region]] = {}
+        self.slot_versions: dict[tuple[int, int], int | None] = {}
+        self.versions: dict[int, VersionState] = {}
+        self.committed: int | None = None
+        self.peers: dict[int, object] = {}
+        self.cond = threading.Condition()
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="snapshot-encode")
+        self.durable = None
+        self.persist_copies: dict[int, dict[int, tuple[np.ndarray, str]]] = {}
+        self.persister = ThreadPoolExecutor(1, thread_name_prefix="snapshot-persist")
+        self.events: list[dict] = []
+        self.encode_s = 0.0
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def set_peers(self, peers: dict[int, object]) -> None:
+        self.peers = {int(k): v for k, v in peers.items()}
+
+    def ping(self) -> dict:
+        return {"position": self.position, "committed": self.committed, "pid": _pid()}
+
+    def region_prefix(self) -> str:
+        return f"stalwart-{self.job_id}-p{self.position}-{self.incarnation}"
+
+    # -- trainer side ----------------------------------------------------------------------
+
+    def register(self, rank: int, total_bytes: int) -> list[str]:
+        """Two slots for `rank`, sized for its state; re-registering keeps existing slots."""
+        with self.cond:
+            existing = self.regions.get(rank)
+            if existing and existing[0].nbytes == total_bytes:
+                return [region.name for region in existing]
+            if existing and self.committed is not None:
+                raise ValueError(
+                    f"rank {rank} re-registered with {total_bytes} bytes of state, but its committed "
+                    f"snapshot has {existing[0].nbytes}: the model or optimizer shape changed"
+                )
+            regions = [
+                shm.create_region(f"{self.region_prefix()}-r{rank}-s{slot}", total_bytes)
+                for slot in range(2)
+            ]
+            self.regions[rank] = regions
+            for slot in range(2):
+                self.slot_versions[(rank, slot)] = None
+            return [region.name for region in regions]
+
+    def acquire(self, rank: int, version: int) -> int:
+        """The slot `rank` may write `version` into: never the one holding the committed version.
+
+        Waits while the other slot still holds an older version that is being encoded or
+        committed (its peers may still be reading it)."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        with self.cond:
+            while True:
+                committed_slot = self._slot_of(rank, self.committed)
+                slot = 1 - committed_slot if committed_slot is not None else self._free_slot(rank)
+                held = self.slot_versions[(rank, slot)]
+                in_flight = held is not None and held != version and self._in_flight(held)
+                if not in_flight:
+                    self.slot_versions[(rank, slot)] = version
+                    self.versions.setdefault(version, VersionState())
+                    return slot
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"rank {rank}: version {held} was not committed within "
+                        f"{self.wait_timeout_s:.0f} s; a peer is probably gone"
+                    )
+                self.cond.wait(min(remaining, 1.0))
+
+    def publish(
+        self, rank: int, version: int, slot: int, layout_json: str, checksums: list[int]
+    ) -> None:
+        """A rank finished copying `version` into `slot`: verify it, encode when the node is complete."""
+        region = self.regions[rank][slot]
+        layout = json.loads(layout_json)
+        actual = compute_checksums(layout, region.buffer)
+        if list(actual) != list(checksums):
+            bad = [e["name"] for e, a, b in zip(layout["entries"], actual, checksums) if a != b]
+            raise SnapshotCorruptError(
+                f"rank {rank} version {version}: entries {bad[:5]} do not verify"
+            )
+        with self.cond:
+            state = self.versions.setdefault(version, VersionState())
+            state.local[rank] = RankVersion(
+                slot, layout_json, list(checksums), layout["total_bytes"]
+            )
+            complete = set(state.local) == set(self.ranks)
+            self.cond.notify_all()
+        if complete:
+            self.encoder.submit(self._encode_and_announce, version)
+
+    # -- erasure coding and commit ---------------------------------------------------------
+
+    def node_shard(self, version: int) -> np.ndarray:
+        """This node's data for `version`: its ranks' slots, concatenated in rank order.
+
+        A peer encoding its parity may ask before this node's ranks have published the
+        version; the call waits for them (bounded by the manager's wait timeout)."""
+
+        def complete() -> bool:
+            state = self.versions.get(version)
+            return state is not None and set(state.local) == set(self.ranks)
+
+        with self.cond:
+            if not self.cond.wait_for(complete, self.wait_timeout_s):
+                raise KeyError(
+                    f"position {self.position} has no complete copy of version {version}"
+                )
+            state = self.versions[version]
+            pieces = [
+                self.regions[rank][state.local[rank].slot].array[: state.local[rank].total_bytes]
+                for rank in self.ranks
+            ]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _rank_meta(self, state: VersionState) -> dict[int, dict]:
+        return {
+            rank: {
+                "position": self.position,
+                "layout_json": meta.layout_json,
+                "checksums": meta.checksums,
+                "total_bytes": meta.total_bytes,
+            }
+            for rank, meta in state.local.items()
+        }
+
+    def _encode_and_announce(self, version: int) -> None:
+        started = time.perf_counter()
+        try:
+            with self.cond:
+                state = self.versions[version]
+            if self.layout.protected:
+                alive = set(self.positions)
+                state.parity = compute_parity(
+                    self.layout,
+                    self.position,
+                    _PeerShards(self, version, alive),
+                    version=version,
+                    num_threads=self.num_threads,
+                )
+            state.encoded = True
+            self.encode_s = time.perf_counter() - started
+            meta = self._rank_meta(state)
+            for position, peer in self.peers.items():
+                if position == self.position:
+                    continue
+                peer.ready.remote(version, self.position, meta)
+            self.ready(version, self.position, meta)
+        except Exception as error:  # recorded; the version simply never commits
+            with self.cond:
+                self.versions.setdefault(version, VersionState()).failed = repr(error)
+                self.events.append({"version": version, "error": repr(error)})
+                self.cond.notify_all()
+
+    def ready(self, version: int, position: int, rank_meta: dict) -> None:
+        with self.cond:
+            state = self.versions.setdefault(version, VersionState())
+            state.ready_positions.add(position)
+            state.rank_meta.update({int(rank): meta for rank, meta in rank_meta.items()})
+            if state.ready_positions >= set(self.positions) and (
+                self.committed is None or version > self.committed
+            ):
+                self._commit(version)
+
+    def _commit(self, version: int) -> None:
+        self.committed = version
+        for old in [v for v in self.versions if v < version]:
+            del self.versions[old]
+        for key, held in self.slot_versions.items():
+            if held is not None and held < version:
+                self.slot_versions[key] = None
+        self.cond.notify_all()
+        if self.persist_every and version % self.persist_every == 0:
+            # Copy out now: the slots are reused once a newer version commits, long before a
+            # slow disk write of this one could finish.
+            state = self.versions[version]
+            self.persist_copies[version] = {
+                rank: (
+                    self.regions[rank][meta.slot].array[: meta.total_bytes].copy(),
+                    meta.layout_json,
+                )
+                for rank, meta in state.local.items()
+            }
+            for old in [v for v in self.persist_copies if v < version]:
+                del self.persist_copies[old]
+            if self.position == 0:
+                self.persister.submit(self._persist, version, dict(state.rank_meta))
+
+    def _in_flight(self, version: int) -> bool:
+        state = self.versions.get(version)
+        return (
+            state is not None
+            and state.failed is None
+            and (self.committed is None or version > self.committed)
+        )
+
+    def _slot_of(self, rank: int, version: int | None) -> int | None:
+        if version is None:
+            return None
+        for slot in range(2):
+            if self.slot_versions.get((rank, slot)) == version:
+                return slot
+        state = self.versions.get(version)
+        if state is not None and rank in state.local:
+            return state.local[rank].slot
+        return None
+
+    def _free_slot(self, rank: int) -> int:
+        for slot in range(2):
+            if self.slot_versions[(rank, slot)] is None:
+                return slot
+        held = [self.slot_versions[(rank, slot)] for slot in range(2)]
+        return int(np.argmin(held))
+
+    def reset(self) -> None:
+        """Forget every version (the job restarts from the durable tier at an older step)."""
+        with self.cond:
+            self.versions.clear()
+            self.committed = None
+            for key in self.slot_versions:
+                self.slot_versions[key] = None
+            self.cond.notify_all()
+
+    # -- queries for recovery --------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self.cond:
+            return {
+                "position": self.position,
+                "committed": self.committed,
+                "versions": sorted(self.versions),
+                "events": list(self.events),
+                "encode_s": self.encode_s,
+            }
+
+    def version_meta(self, version: int) -> dict[int, dict]:
+        """Every rank's layout for a committed (or locally complete) version."""
+        with self.cond:
+            state = self.versions.get(version)
+            if state is None:
+                raise KeyError(f"position {self.position} holds no metadata for version {version}")
+            meta = dict(state.rank_meta)
+            meta.update(self._rank_meta(state))
+            return meta
+
+    def slot_for(self, rank: int, version: int) -> tuple[str, str]:
+        """(region name, layout json) of `rank`'s copy of `version` on this node."""
+        with self.cond:
+            state = self.versions.get(version)
+            if state is None or rank not in state.local:
+                raise KeyError(
+                    f"position {self.position} holds no copy of rank {rank} version {version}"
+                )
+            meta = state.local[rank]
+            return self.regions[rank][meta.slot].name, meta.layout_json
+
+    def parity_fragments(self, version: int) -> dict[str, bytes]:
+        with self.cond:
+            state = self.versions.get(version)
+            if state is None or not state.encoded:
+                raise KeyError(f"position {self.position} holds no parity for version {version}")
+            return dict(state.parity)
+
+    def rank_shard(self, rank: int, version: int) -> np.ndarray:
+        with self.cond:
+            meta = self.versions[version].local[rank]
+            return self.regions[rank][meta.slot].array[: meta.total_bytes]
+
+    def corrupt(self, rank: int, version: int, offset: int = 0) -> None:
+        """Fault injection: flip one byte of a rank's copy of a version in memory."""
+        with self.cond:
+            meta = self.versions[version].local[rank]
+            array = self.regions[rank][meta.slot].array
+            array[offset % meta.total_bytes] ^= 0xFF
+
+    def verify(self, rank: int, version: int) -> bool:
+        with self.cond:
+            meta = self.versions[version].local[rank]
+            buffer = self.regions[rank][meta.slot].buffer
+        return list(compute_checksums(json.loads(meta.layout_json), buffer)) == meta.checksums
+
+    # -- rebuilding a lost node --------------------------------------------------------------
+
+    def rebuild(self, version: int, lost_positions: list[int], rank_meta: dict[int, dict]) -> dict:
+        """Rebuild this (replacement) node's ranks for `version` from the group's survivors.
+
+        `rank_meta` is the version's metadata from a survivor (`version_meta`). The rebuilt
+        bytes land in fresh slots here and are verified against the recorded checksums."""
+        started = time.perf_counter()
+        mine = sorted(int(r) for r, m in rank_meta.items() if m["position"] == self.position)
+        if sorted(mine) != self.ranks:
+            raise ValueError(
+                f"position {self.position} expected ranks {self.ranks}, metadata has {mine}"
+            )
+        shard_nbytes = sum(rank_meta[rank]["total_bytes"] for rank in mine)
+        alive = set(self.positions) - set(lost_positions)
+        surviving_parity: dict[str, bytes] = {}
+        for position in alive:
+            try:
+                surviving_parity.update(
+                    ray.get(self.peers[position].parity_fragments.remote(version))
+                )
+            except Exception:  # a survivor without parity only narrows the choice
+                continue
+        shard = rebuild_shard(
+            self.layout,
+            self.position,
+            shard_nbytes,
+            _PeerShards(self, version, alive),
+            surviving_parity,
+            version=version,
+        )
+        view = memoryview(shard)
+        offset = 0
+        state = VersionState(encoded=False)
+        with self.cond:
+            for rank in mine:
+                meta = rank_meta[rank]
+                self.register(rank, meta["total_bytes"])
+                region = self.regions[rank][0]
+                region.buffer[: meta["total_bytes"]] = view[offset : offset + meta["total_bytes"]]
+                offset += meta["total_bytes"]
+                layout = json.loads(meta["layout_json"])
+                if list(compute_checksums(layout, region.buffer)) != list(meta["checksums"]):
+                    raise SnapshotCorruptError(
+                        f"rebuilt rank {rank} of version {version} does not verify"
+                    )
+                state.local[rank] = RankVersion(
+                    0, meta["layout_json"], list(meta["checksums"]), meta["total_bytes"]
+                )
+                self.slot_versions[(rank, 0)] = version
+            state.rank_meta = {int(r): m for r, m in rank_meta.items()}
+            state.ready_positions = set(self.positions)
+            self.versions[version] = state
+            self.committed = version
+        # Recompute the parity this position holds, so the group is protected again.
+        if self.layout.protected:
+            state.parity = compute_parity(
+                self.layout,
+                self.position,
+                _PeerShards(self, version, set(self.positions)),
+                version=version,
+            )
+        state.encoded = True
+        return {
+            "position": self.position,
+            "bytes": shard_nbytes,
+            "rebuild_s": time.perf_counter() - started,
+        }
+
+    # -- durable tier ------------------------------------------------------------------------
+
+    def take_persist_copy(self, version: int) -> dict[int, tuple[np.ndarray, str]]:
+        """Hand over (and forget) this node's copy of a persist version; waits for its commit."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: version in self.persist_copies, self.wait_timeout_s):
+                raise TimeoutError(f"position {self.position} never committed version {version}")
+            return self.persist_copies.pop(version)
+
+    def _persist(self, version: int, rank_meta: dict[int, dict]) -> None:
+        from stalwart.snapshot.persist import DurableWriter
+
+        try:
+            copies = self.take_persist_copy(version)
+            for position in sorted({meta["position"] for meta in rank_meta.values()}):
+                if position != self.position:
+                    copies.update(ray.get(self.peers[position].take_persist_copy.remote(version)))
+            shards = {
+                f"rank{rank:05d}": (array, json.loads(layout_json))
+                for rank, (array, layout_json) in sorted(copies.items())
+            }
+            if self.durable is None:
+                self.durable = DurableWriter(self.run_dir, keep=self.keep)
+            self.durable.submit(version, shards, {"version": version, "num_ranks": len(shards)})
+        except Exception as error:
+            with self.cond:
+                self.events.append({"version": version, "persist_error": repr(error)})
+
+    def flush_durable(self, timeout_s: float = 600.0) -> None:
+        self.persister.submit(lambda: None).result(timeout_s)
+        if self.durable is not None:
+            self.durable.flush(timeout_s)
+
+    def shutdown(self) -> None:
+        self.encoder.shutdown(wait=False, cancel_futures=True)
+        if self.durable is not None:
+            self.durable.close()
+        for regions in self.regions.values():
+            for region in regions:
+                region.close()
+                region.unlink()
+        self.regions.clear()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+RemoteSnapshotManager = ray.remote(num_cpus=0, max_concurrency=32)(SnapshotManager)
