@@ -115,6 +115,12 @@ def connect(
             "node_ip_address": "127.0.0.1",
             "include_dashboard": False,
             "object_store_memory": object_store_memory_bytes,
+            # A lost node is noticed within about 5 s (Ray's default is about 30 s).
+            "_system_config": {
+                "health_check_initial_delay_ms": 1000,
+                "health_check_period_ms": 1000,
+                "health_check_failure_threshold": 5,
+            },
         },
     )
     nodes = []

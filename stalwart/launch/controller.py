@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from stalwart.config import RunConfig, save_config
 from stalwart.launch.cluster import ClusterHandle
 from stalwart.launch.worker import TrainWorker
 
-POLL_S = 0.25
+POLL_S = 0.5
 
 
 class JobFailed(RuntimeError):
@@ -48,6 +48,7 @@ class Failure:
     detail: str = ""
     detected_at: float = field(default_factory=time.perf_counter)
     step: int = 0
+    detection_s: float = 0.0
 
 
 @dataclass
@@ -109,6 +110,7 @@ class JobController:
         self.pending_faults = [event.model_dump() for event in config.faults.events]
         self.fault_log: list[dict] = []
         self.last_step = 0
+        self.max_step_seen = 0
         self.attempt = 0
         self.history: list[dict] = []
 
@@ -205,6 +207,7 @@ class JobController:
         results = ray.get(setups, timeout=max(120.0, cluster_config.hang_timeout_s))
         self.cursors = {rank: 0 for rank in self.workers}
         self.last_step = results[0]["step"]
+        self.max_step_seen = self.last_step
         return time.perf_counter() - started
 
     def _worker_faults(self, rank: int) -> list[dict]:
@@ -250,9 +253,19 @@ class JobController:
                     cause = str(error).strip().splitlines()[-1] if str(error).strip() else ""
                     return self._classify([rank], f"rank {rank}: {type(error).__name__}: {cause}")
             idle = self._drain_progress()
-            injected = self._controller_faults()
-            if injected is not None:
-                return injected
+            self._controller_faults()
+            alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
+            gone = [p for p, node_id in self.node_of.items() if node_id not in alive_nodes]
+            if gone:
+                return self._classify(
+                    [r for p in gone for r in self.ranks_of(p)],
+                    f"node(s) at positions {gone} left the cluster",
+                )
+            silent = [
+                rank for rank, idle_s in idle.items() if idle_s == float("inf") and rank in pending
+            ]
+            if silent:
+                return self._classify(silent, f"rank(s) {silent} do not answer")
             stalled = [
                 rank for rank, idle_s in idle.items() if idle_s > hang_timeout_s and rank in pending
             ]
@@ -263,16 +276,41 @@ class JobController:
                 return failure
         return None
 
+    @staticmethod
+    def _call_all(handles: dict, method: str, *args, timeout_s: float = 3.0) -> dict:
+        """Call `method` on every actor at once; a dead or unresponsive one maps to None."""
+        refs = {key: getattr(handle, method).remote(*args) for key, handle in handles.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        ready = set(ready)
+        results = {}
+        for key, ref in refs.items():
+            try:
+                results[key] = ray.get(ref) if ref in ready else None
+            except (RayActorError, RayTaskError):
+                results[key] = None
+        return results
+
+    def _progress_reports(self) -> dict:
+        refs = {rank: w.progress.remote(self.cursors[rank]) for rank, w in self.workers.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=3.0)
+        reports = {}
+        for rank, ref in refs.items():
+            try:
+                reports[rank] = ray.get(ref) if ref in ready else None
+            except (RayActorError, RayTaskError):
+                reports[rank] = None
+        return reports
+
     def _drain_progress(self) -> dict[int, float]:
         idle = {}
-        for rank, worker in self.workers.items():
-            try:
-                report = ray.get(worker.progress.remote(self.cursors[rank]), timeout=5.0)
-            except (RayActorError, GetTimeoutError, RayTaskError):
+        reports = self._progress_reports()
+        for rank, report in reports.items():
+            if report is None:
                 idle[rank] = float("inf")
                 continue
             self.cursors[rank] = report["cursor"]
             idle[rank] = report["idle_s"]
+            self.max_step_seen = max(self.max_step_seen, int(report["step"]))
             if rank == 0:
                 for record in report["records"]:
                     record["attempt"] = self.attempt
@@ -283,20 +321,27 @@ class JobController:
         return idle
 
     def _classify(self, ranks: list[int], detail: str) -> Failure:
+        idle = self._drain_progress()
+        pids = self._call_all(self.workers, "pid")
+        dead = [rank for rank, pid in pids.items() if pid is None]
+        ranks = sorted(set(dead) or set(ranks))
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
-        lost = []
-        for position, node_id in self.node_of.items():
-            manager_alive = True
-            if position in self.managers:
-                try:
-                    ray.get(self.managers[position].ping.remote(), timeout=5.0)
-                except Exception:
-                    manager_alive = False
-            if node_id not in alive_nodes or not manager_alive:
-                lost.append(position)
-        kind = "node" if lost else "process"
+        pings = self._call_all(self.managers, "ping")
+        lost = [
+            position
+            for position, node_id in self.node_of.items()
+            if node_id not in alive_nodes or (position in self.managers and pings[position] is None)
+        ]
+        # Time since the failed ranks last completed a step: an upper bound on detection time.
+        finite = [idle[r] for r in ranks if idle.get(r, float("inf")) != float("inf")]
+        finite = finite or [v for v in idle.values() if v != float("inf")]
         return Failure(
-            kind=kind, ranks=ranks, lost_positions=lost, detail=detail, step=self.last_step
+            kind="node" if lost else "process",
+            ranks=ranks,
+            lost_positions=lost,
+            detail=detail,
+            step=self.max_step_seen,
+            detection_s=max(finite, default=0.0),
         )
 
     # -- fault injection driven from here (node, manager, fragment) ----------------------------
@@ -331,19 +376,14 @@ class JobController:
     # -- recovery ------------------------------------------------------------------------------
 
     def _recover(self, failure: Failure) -> None:
-        detection_s = time.perf_counter() - failure.detected_at
-        if failure.kind == "hang":
-            detection_s += self.config.cluster.hang_timeout_s
+        detection_s = failure.detection_s + (time.perf_counter() - failure.detected_at)
         self.log(f"failure detected ({failure.kind}): {failure.detail}")
-        # Faults that fired must not fire again when the same steps run a second time.
+        # Ranks step in lockstep, so every worker-side fault up to the failing step has fired;
+        # none may fire again when those steps run a second time.
         self.pending_faults = [
             e
             for e in self.pending_faults
-            if not (
-                e["kind"] in ("kill_worker", "hang_worker")
-                and e["rank"] in failure.ranks
-                and e["step"] <= failure.step + 1
-            )
+            if not (e["kind"] in ("kill_worker", "hang_worker") and e["step"] <= failure.step + 1)
         ]
         self.attempt += 1
 
