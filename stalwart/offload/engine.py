@@ -267,6 +267,10 @@ class OffloadEngine:
         self._checkpoint_calls: dict[int, StashedCheckpoint] = {}
         self._stats = {"wait_s": 0.0}
         self.last_metrics: dict = {}
+        # After a clipped step the next one defers the optimizer until the norm is known
+        # (clipping tends to persist); after an unclipped step it speculates again.
+        self._defer = False
+        self._last_decision = "commit"
 
         for name, buffer in model.named_buffers():
             if buffer.is_meta:
@@ -631,7 +635,7 @@ class OffloadEngine:
         self._phase = "backward"
         self._make_resident(unit)
         if unit.trainable:
-            if self._last_microbatch:
+            if self._last_microbatch and not self._defer:
                 self._start_state_read(unit)
             self._start_grad_read(unit)
         unit.pending = len(unit.trainable)
@@ -747,7 +751,25 @@ class OffloadEngine:
         del grads
         for (slot, _), norm in zip(updated, parameter_norms([g for _, g in updated])):
             self._norms[slot.index] = norm
+        if self._defer:
+            self._store_gradients_only(unit, [slot for slot, _ in updated])
+            return
         self._hand_to_optimizer(unit, updated)
+
+    def _store_gradients_only(self, unit: _Unit, slots: list[_Slot]) -> None:
+        """Deferred mode: the gradients go to NVMe; the optimizer sweep runs after backward."""
+        g_buffer = unit.g_buffer
+        unit.g_buffer = None
+        self._release_all(unit)
+        if not slots:
+            if g_buffer is not None:
+                g_buffer.release()
+            return
+        write_g = self.store.write_span(unit.grad_offset, unit.state_bytes, g_buffer)
+        self._writes.append(write_g)
+        _release_after(g_buffer, [write_g])
+        unit.updated_slots = slots
+        unit.written = True
 
     def _accumulate(self, unit: _Unit, grads: list[torch.Tensor | None]) -> None:
         if not unit.state_bytes:
@@ -831,8 +853,9 @@ class OffloadEngine:
             holders.append(write_g)
         _release_after(g_buffer, holders)
 
-    def _optimizer_sweep(self, clip_coef: torch.Tensor) -> None:
-        """Redo this step's updates from the committed state and the stored gradients, clipped."""
+    def _optimizer_sweep(self, clip_coef: torch.Tensor | None) -> None:
+        """This step's updates from the committed state and the stored gradients (clipped by
+        `clip_coef` if given): the redo of a clipped speculative step, or the deferred step."""
         units = [unit for unit in self.units if unit.updated_slots]
         queued: list = []
 
@@ -856,7 +879,8 @@ class OffloadEngine:
                 read.result()
             slots = unit.updated_slots
             grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
-            torch._foreach_mul_(grads, clip_coef)
+            if clip_coef is not None:
+                torch._foreach_mul_(grads, clip_coef)
             self.optimizer.update(
                 [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots],
                 grads,
@@ -896,12 +920,17 @@ class OffloadEngine:
         read_before, written_before = self.store.bytes_read, self.store.bytes_written
         self._stats = {"wait_s": 0.0}
         self._lr = float(lr)
+        deferred = self._defer = self.settings.grad_clip > 0 and self._last_decision == "clip"
         loss, norm = self._run_pass(micro_batches)
         decision = step_decision(norm, self.settings.grad_clip)
         redone = False
         if decision == "clip":
             self._optimizer_sweep(clip_coefficient(norm, self.settings.grad_clip))
-            redone = True
+            redone = not deferred
+        elif decision == "commit" and deferred:
+            self._optimizer_sweep(None)
+        self._last_decision = decision
+        self._defer = False
         if decision == "skip":
             self._discard_speculative()
         else:
@@ -913,6 +942,7 @@ class OffloadEngine:
             "skipped": decision == "skip",
             "clipped": decision == "clip",
             "redone": redone,
+            "deferred": deferred,
             "bytes_read": self.store.bytes_read - read_before,
             "bytes_written": self.store.bytes_written - written_before,
             "io_wait_s": self._stats["wait_s"],
@@ -1037,13 +1067,14 @@ class OffloadEngine:
         """Units whose gradients never all arrived (unused parameters, persistent unit)."""
         for unit in self.units:
             if unit.persistent:
-                if unit.trainable and self._last_microbatch:
-                    self._start_state_read(unit)
+                if unit.trainable:
+                    if self._last_microbatch and not self._defer:
+                        self._start_state_read(unit)
                     self._start_grad_read(unit)
                 self._unit_backward_done(unit)
             elif unit.p_buffer is not None:
                 if any(slot.param.grad is not None for slot in unit.trainable):
-                    if self._last_microbatch:
+                    if self._last_microbatch and not self._defer:
                         self._start_state_read(unit)
                     self._start_grad_read(unit)
                     self._unit_backward_done(unit)

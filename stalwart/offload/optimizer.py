@@ -21,6 +21,10 @@ norm is known:
   layers again, from the committed state and the stored gradients times the clip coefficient,
   giving exactly `clip_grad_norm_` followed by AdamW. A clipped step costs one more pass of
   optimizer I/O (16 bytes read and 12 written per parameter), not another forward and backward.
+Because clipping tends to persist, the step after a clipped one does not speculate: it only
+writes gradients during backward and runs the optimizer sweep once the norm is known
+(DeepSpeed's order). The step after an unclipped one speculates again. Every path gives the
+same bits as `clip_grad_norm_` + AdamW in memory.
 """
 
 from __future__ import annotations
