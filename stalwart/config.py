@@ -21,7 +21,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: no unknown keys, no silent coercion of strings to numbers."""
+    """Base of every config section: unknown keys are errors; numeric strings such as `1e-3`
+    (which YAML reads as text) are accepted as numbers."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=False)
 

@@ -438,8 +438,22 @@ class JobController:
                 lost.append(position)
         committed = [s["committed"] for s in statuses.values() if s["committed"] is not None]
         version = max(committed) if committed else None
-        if not lost:
+        corrupt = []
+        if version is not None:
+            checks = self._call_all(
+                {p: m for p, m in self.managers.items() if p not in lost},
+                "verify_version",
+                version,
+                timeout_s=60.0,
+            )
+            corrupt = [p for p, ok in checks.items() if not ok]
+        if not lost and not corrupt:
             return version, "memory", ""
+        if not lost:
+            self.log(
+                f"position(s) {corrupt} hold a corrupt copy of version {version}: rebuilding it"
+            )
+            return self._rebuild(version, corrupt, f"rebuilt corrupt copies at positions {corrupt}")
         # Node (or manager) loss: replace the lost positions.
         for position in lost:
             spare = self._take_node(position)
@@ -448,6 +462,9 @@ class JobController:
         self._wire_managers()
         if version is None:
             return self._durable_fallback("no version was committed before the loss")
+        return self._rebuild(version, lost + corrupt, f"rebuilt positions {lost + corrupt} from parity")
+
+    def _rebuild(self, version: int, lost: list[int], detail: str) -> tuple[int | None, str, str]:
         from stalwart.erasure.layout import ErasureLayout
 
         layout = ErasureLayout(
@@ -461,12 +478,12 @@ class JobController:
                 plan.reason or f"{len(lost)} positions lost beyond the parity"
             )
         survivor = next(p for p in self.positions if p not in lost)
-        meta = ray.get(self.managers[survivor].version_meta.remote(version))
+        meta = ray.get(self.managers[survivor].version_meta.remote(version), timeout=60)
         try:
-            ray.get([self.managers[p].rebuild.remote(version, lost, meta) for p in lost])
+            ray.get([self.managers[p].rebuild.remote(version, lost, meta) for p in lost], timeout=300)
         except Exception as error:
             return self._durable_fallback(f"erasure rebuild failed: {error}")
-        return version, "erasure", f"rebuilt positions {lost} from parity"
+        return version, "erasure", detail
 
     def _take_node(self, position: int) -> str:
         deadline = time.monotonic() + self.config.cluster.capacity_timeout_s

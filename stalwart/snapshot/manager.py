@@ -360,8 +360,8 @@ class SnapshotManager:
             meta.update(self._rank_meta(state))
             return meta
 
-    def slot_for(self, rank: int, version: int) -> tuple[str, str]:
-        """(region name, layout json) of `rank`'s copy of `version` on this node."""
+    def slot_for(self, rank: int, version: int) -> tuple[str, str, list[int]]:
+        """(region name, layout json, checksums) of `rank`'s copy of `version` on this node."""
         with self.cond:
             state = self.versions.get(version)
             if state is None or rank not in state.local:
@@ -369,7 +369,7 @@ class SnapshotManager:
                     f"position {self.position} holds no copy of rank {rank} version {version}"
                 )
             meta = state.local[rank]
-            return self.regions[rank][meta.slot].name, meta.layout_json
+            return self.regions[rank][meta.slot].name, meta.layout_json, meta.checksums
 
     def parity_fragments(self, version: int) -> dict[str, bytes]:
         with self.cond:
@@ -389,6 +389,10 @@ class SnapshotManager:
             meta = self.versions[version].local[rank]
             array = self.regions[rank][meta.slot].array
             array[offset % meta.total_bytes] ^= 0xFF
+
+    def verify_version(self, version: int) -> bool:
+        """Whether every local rank's copy of `version` still matches its checksums."""
+        return all(self.verify(rank, version) for rank in self.ranks)
 
     def verify(self, rank: int, version: int) -> bool:
         with self.cond:

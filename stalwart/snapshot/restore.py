@@ -17,10 +17,10 @@ from stalwart.snapshot.agent import load_snapshot
 
 
 def load_from_manager(trainer, manager, rank: int, version: int) -> None:
-    region_name, layout_json = ray.get(manager.slot_for.remote(rank, version))
+    region_name, layout_json, checksums = ray.get(manager.slot_for.remote(rank, version))
     region = shm.attach_region(region_name)
     try:
-        load_snapshot(trainer, region.buffer, layout_json)
+        load_snapshot(trainer, region.buffer, layout_json, checksums)
     finally:
         region.close()
 

@@ -15,6 +15,7 @@ snapshot starts copying).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,8 @@ class Trainer:
         if trainer_config.num_threads:
             torch.set_num_threads(trainer_config.num_threads)
         if trainer_config.deterministic:
+            # cuBLAS needs a fixed workspace for reproducible GEMMs (ignored on CPU).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = pick_device(trainer_config.device, rank)
         # Every rank starts from the same global seed: identical init, identical data order.

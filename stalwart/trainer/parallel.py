@@ -52,7 +52,7 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
 
         device_ids = [device.index] if device.type == "cuda" else None
         # A fixed bucket order keeps gradient all-reduces, hence results, identical run to run.
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=device_ids)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -1,0 +1,54 @@
+"""A real multi-node job on an embedded Ray cluster: it trains, and leaves no process behind."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import ray
+
+from stalwart.launch.cluster import connect
+from stalwart.launch.controller import JobController
+from stalwart.launch.job import cpus_per_node
+
+
+def _wait_gone(pids, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [
+            pid
+            for pid in pids
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+        ]
+        if not alive:
+            return []
+        time.sleep(0.5)
+    return alive
+
+
+@pytest.mark.timeout(400)
+def test_two_node_job_trains_and_cleans_up(make_config):
+    config = make_config(
+        trainer={"max_steps": 40, "batch_size": 8},
+        optim={"lr": 3e-3, "warmup_steps": 5},
+        cluster={"num_spare_nodes": 0},
+    )
+    cluster = connect(num_nodes=2, cpus_per_node=cpus_per_node(config))
+    controller = JobController(config, cluster, config.resolved_run_dir(), log=lambda *_: None)
+    try:
+        controller.start()
+        pids = [ray.get(w.pid.remote()) for w in controller.workers.values()]
+        pids += [ray.get(m.ping.remote())["pid"] for m in controller.managers.values()]
+        nodes = {ray.get(w.endpoint.remote())[0] for w in controller.workers.values()}
+        summary = controller.run()
+    finally:
+        controller.shutdown()
+        cluster.shutdown()
+    assert nodes == {"127.0.0.1"}
+    assert summary["step"] == 40
+    losses = [record["loss"] for record in controller.history]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert not _wait_gone(pids), "worker or manager processes survived the shutdown"
+    assert (config.resolved_run_dir() / "config.yaml").is_file()
