@@ -107,6 +107,9 @@ def connect(
     # Keep every endpoint of the embedded cluster on loopback: Ray otherwise rewrites
     # 127.0.0.1 to the machine's outward address when it connects.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # The simulated nodes share one machine's memory: Ray's per-node OOM killer would see the
+    # whole machine as one node and kill snapshot managers for memory other processes use.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray_constants.ENABLE_RAY_CLUSTER = False
     cluster = Cluster(
         initialize_head=True,

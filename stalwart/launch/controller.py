@@ -34,6 +34,7 @@ from stalwart.launch.cluster import ClusterHandle
 from stalwart.launch.worker import TrainWorker
 
 POLL_S = 0.5
+MANAGER_CHECK_S = 2.0
 
 
 class JobFailed(RuntimeError):
@@ -111,6 +112,8 @@ class JobController:
         self.fault_log: list[dict] = []
         self.last_step = 0
         self.max_step_seen = 0
+        self._next_manager_check = 0.0
+        self.manager_restarts: list[dict] = []
         self.attempt = 0
         self.history: list[dict] = []
 
@@ -237,7 +240,12 @@ class JobController:
                 ray.get(manager.flush_durable.remote(), timeout=600)
             except Exception as error:  # the durable tier is best effort at the very end
                 self.log(f"durable tier flush failed: {error!r}")
-        return {"step": self.last_step, "recoveries": self.recoveries, "faults": self.fault_log}
+        return {
+            "step": self.last_step,
+            "recoveries": self.recoveries,
+            "faults": self.fault_log,
+            "manager_restarts": self.manager_restarts,
+        }
 
     def _watch(self, refs: dict) -> Failure | None:
         pending = dict(refs)
@@ -254,6 +262,7 @@ class JobController:
                     return self._classify([rank], f"rank {rank}: {type(error).__name__}: {cause}")
             idle = self._drain_progress()
             self._controller_faults()
+            self._replace_dead_managers()
             alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
             gone = [p for p, node_id in self.node_of.items() if node_id not in alive_nodes]
             if gone:
@@ -343,6 +352,35 @@ class JobController:
             step=self.max_step_seen,
             detection_s=max(finite, default=0.0),
         )
+
+    def _replace_dead_managers(self) -> None:
+        """A manager that died on a live node is restarted there; training does not stop.
+
+        Its memory is gone, so the versions in flight can never commit: every manager abandons
+        them, and the next snapshot fills the new manager.
+        """
+        if not self.managers or time.monotonic() < self._next_manager_check:
+            return
+        self._next_manager_check = time.monotonic() + MANAGER_CHECK_S
+        pings = self._call_all(self.managers, "ping")
+        alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
+        dead = [p for p, pong in pings.items() if pong is None and self.node_of[p] in alive_nodes]
+        for position in dead:
+            started = time.perf_counter()
+            self.log(f"snapshot manager at position {position} died: restarting it on its node")
+            manager = self._start_manager(position)
+            self._wire_managers()
+            ranks = self.ranks_of(position)
+            ray.get([self.workers[r].set_manager.remote(manager) for r in ranks], timeout=60)
+            # Versions taken before the switch lack this node's copy and can never commit.
+            self._call_all(self.managers, "abandon_in_flight", timeout_s=30.0)
+            self.manager_restarts.append(
+                {
+                    "position": position,
+                    "step": self.max_step_seen,
+                    "restart_s": time.perf_counter() - started,
+                }
+            )
 
     # -- fault injection driven from here (node, manager, fragment) ----------------------------
 
@@ -462,7 +500,9 @@ class JobController:
         self._wire_managers()
         if version is None:
             return self._durable_fallback("no version was committed before the loss")
-        return self._rebuild(version, lost + corrupt, f"rebuilt positions {lost + corrupt} from parity")
+        return self._rebuild(
+            version, lost + corrupt, f"rebuilt positions {lost + corrupt} from parity"
+        )
 
     def _rebuild(self, version: int, lost: list[int], detail: str) -> tuple[int | None, str, str]:
         from stalwart.erasure.layout import ErasureLayout
@@ -480,7 +520,9 @@ class JobController:
         survivor = next(p for p in self.positions if p not in lost)
         meta = ray.get(self.managers[survivor].version_meta.remote(version), timeout=60)
         try:
-            ray.get([self.managers[p].rebuild.remote(version, lost, meta) for p in lost], timeout=300)
+            ray.get(
+                [self.managers[p].rebuild.remote(version, lost, meta) for p in lost], timeout=300
+            )
         except Exception as error:
             return self._durable_fallback(f"erasure rebuild failed: {error}")
         return version, "erasure", detail

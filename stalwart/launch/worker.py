@@ -140,6 +140,11 @@ class TrainWorker:
             "cursor": len(self.records),
         }
 
+    def set_manager(self, manager) -> None:
+        """The node's snapshot manager was replaced: snapshot into the new one from now on."""
+        if self.agent is not None:
+            self.agent.set_manager(manager)
+
     def stop(self) -> None:
         self._stop.set()
 

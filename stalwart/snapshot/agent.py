@@ -54,6 +54,14 @@ def call_manager(manager: Any, method: str, *args: Any) -> Any:
     return function(*args)
 
 
+def _manager_is_gone(error: BaseException) -> bool:
+    try:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return isinstance(error, RayActorError | ActorUnavailableError)
+
+
 @dataclass
 class _Job:
     version: int
@@ -110,6 +118,8 @@ class SnapshotAgent:
         self.last_publish_s = 0.0
         self.last_snapshot_bytes = 0
         self.last_version: int | None = None
+        self.manager_lost = False
+        self.num_skipped = 0
 
         # One job thread keeps versions in order (acquire of N+1 after publish of N); copy and
         # checksum work may fan out over `num_threads` helpers.
@@ -275,6 +285,7 @@ class SnapshotAgent:
             "snapshot/last_copy_s": self.last_copy_s,
             "snapshot/last_publish_s": self.last_publish_s,
             "snapshot/last_bytes": float(self.last_snapshot_bytes),
+            "snapshot/num_skipped": float(self.num_skipped),
         }
 
     # -----------------------------------------------------------------------------------------
@@ -317,7 +328,35 @@ class SnapshotAgent:
         ]
         return [(group, future.result()) for group, future in zip(groups, futures)]
 
+    def set_manager(self, manager: Any) -> None:
+        """Snapshot into a replacement manager from now on (its slots are registered anew)."""
+        self.flush()
+        for region in self._regions:
+            region.close()
+        self._regions = []
+        self.manager = manager
+        self.manager_lost = False
+
     def _run(self, job: _Job) -> None:
+        if self.manager_lost:
+            # The node's manager died; the controller is starting a replacement. Training goes
+            # on; the versions in between are simply not snapshotted here.
+            job.tensors = None
+            self.num_skipped += 1
+            job.copied.set_result(None)
+            return
+        try:
+            self._run_with_manager(job)
+        except BaseException as error:
+            if not _manager_is_gone(error):
+                raise
+            self.manager_lost = True
+            self.num_skipped += 1
+            job.tensors = None
+            if not job.copied.done():
+                job.copied.set_result(None)
+
+    def _run_with_manager(self, job: _Job) -> None:
         layout = job.layout
         try:
             self._ensure_regions(layout.total_bytes, register_cuda=job.ready_event is not None)
@@ -348,7 +387,8 @@ class SnapshotAgent:
                 )
         except BaseException as error:
             job.tensors = None
-            job.copied.set_exception(error)
+            if not _manager_is_gone(error):  # a lost manager is handled by the caller
+                job.copied.set_exception(error)
             raise
         job.copied.set_result(done_event)
         if done_event is not None:

@@ -101,3 +101,11 @@ def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_pa
     )
     assert any("durable checkpoint of step 8" in m for m in messages), messages
     _assert_identical(straight, resumed)
+
+
+def test_manager_killed_alone_is_restarted_and_the_job_goes_on(reference, make_config):
+    config = _with_faults(make_config(), [{"kind": "kill_manager", "step": 3, "node": 1}])
+    summary = run_job(config, log=_quiet)
+    assert summary["recoveries"] == [], [r.summary() for r in summary["recoveries"]]
+    assert [r["position"] for r in summary["manager_restarts"]] == [1]
+    _assert_identical(reference, summary)
