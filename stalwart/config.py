@@ -130,7 +130,6 @@ class ClusterConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     hang_timeout_s: float = Field(60.0, gt=0)
-    elastic: bool = False
     capacity_timeout_s: float = Field(60.0, gt=0)
     max_recoveries: int = Field(100, ge=0)
 

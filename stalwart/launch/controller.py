@@ -537,7 +537,7 @@ class JobController:
             if time.monotonic() > deadline:
                 raise JobFailed(
                     f"no spare node for position {position} within cluster.capacity_timeout_s "
-                    f"({self.config.cluster.capacity_timeout_s:.0f} s); add a node or set cluster.elastic"
+                    f"({self.config.cluster.capacity_timeout_s:.0f} s); add a node to the Ray cluster or register spares with cluster.num_spare_nodes"
                 )
             time.sleep(1.0)
 
