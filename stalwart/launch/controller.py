@@ -61,13 +61,13 @@ class Recovery:
     detection_s: float
     teardown_s: float
     rebuild_s: float
-    restart_s: float
-    reform_s: float
+    restart_s: float  # new worker processes, rendezvous, Trainer build (restore included)
+    restore_s: float  # loading the state into the Trainers (part of restart_s)
     detail: str = ""
 
     @property
     def total_s(self) -> float:
-        return self.detection_s + self.teardown_s + self.rebuild_s + self.restart_s + self.reform_s
+        return self.detection_s + self.teardown_s + self.rebuild_s + self.restart_s
 
     def summary(self) -> str:
         version = "none" if self.restored_version is None else f"step {self.restored_version}"
@@ -75,7 +75,7 @@ class Recovery:
             f"recovered from {self.kind} failure: restored {version} from {self.source}, "
             f"lost {self.lost_steps} step(s); detect {self.detection_s:.2f}s, teardown "
             f"{self.teardown_s:.2f}s, rebuild {self.rebuild_s:.2f}s, restart {self.restart_s:.2f}s, "
-            f"re-form {self.reform_s:.2f}s, total {self.total_s:.2f}s"
+            f"(state load {self.restore_s:.2f}s), total {self.total_s:.2f}s"
         )
 
 
@@ -110,6 +110,8 @@ class JobController:
         self.recoveries: list[Recovery] = []
         self.pending_faults = [event.model_dump() for event in config.faults.events]
         self.fault_log: list[dict] = []
+        self.reported_faults: dict[int, dict] = {}
+        self.executed_faults: set[tuple] = set()
         self.last_step = 0
         self.max_step_seen = 0
         self._next_manager_check = 0.0
@@ -171,7 +173,7 @@ class JobController:
         return manager
 
     def _wire_managers(self) -> None:
-        ray.get([m.set_peers.remote(self.managers) for m in self.managers.values()])
+        self._call_all(self.managers, "set_peers", self.managers, timeout_s=30.0)
 
     def _start_workers(
         self, *, restore_version: int | None, durable_step: int | None = None
@@ -209,16 +211,15 @@ class JobController:
         ]
         results = ray.get(setups, timeout=max(120.0, cluster_config.hang_timeout_s))
         self.cursors = {rank: 0 for rank in self.workers}
+        self.last_restore_s = max(result["restore_s"] for result in results)
         self.last_step = results[0]["step"]
         self.max_step_seen = self.last_step
         return time.perf_counter() - started
 
     def _worker_faults(self, rank: int) -> list[dict]:
-        return [
-            e
-            for e in self.pending_faults
-            if e["kind"] in ("kill_worker", "hang_worker") and e["rank"] == rank
-        ]
+        from stalwart.launch.faults import fault_rank
+
+        return [e for e in self.pending_faults if fault_rank(e, self.workers_per_node) == rank]
 
     # -- running and watching ------------------------------------------------------------------
 
@@ -319,6 +320,9 @@ class JobController:
                 continue
             self.cursors[rank] = report["cursor"]
             idle[rank] = report["idle_s"]
+            if report.get("pending_fault"):
+                self.reported_faults[rank] = report["pending_fault"]
+                idle[rank] = 0.0  # paused on purpose, not hung
             self.max_step_seen = max(self.max_step_seen, int(report["step"]))
             if rank == 0:
                 for record in report["records"]:
@@ -365,6 +369,17 @@ class JobController:
         pings = self._call_all(self.managers, "ping")
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
         dead = [p for p, pong in pings.items() if pong is None and self.node_of[p] in alive_nodes]
+        # A manager dead *with* its workers means the node is going: the watcher handles that.
+        dead = [
+            p
+            for p in dead
+            if all(
+                pid is not None
+                for pid in self._call_all(
+                    {r: self.workers[r] for r in self.ranks_of(p)}, "pid"
+                ).values()
+            )
+        ]
         for position in dead:
             started = time.perf_counter()
             self.log(f"snapshot manager at position {position} died: restarting it on its node")
@@ -384,24 +399,38 @@ class JobController:
 
     # -- fault injection driven from here (node, manager, fragment) ----------------------------
 
-    def _controller_faults(self) -> Failure | None:
-        for event in list(self.pending_faults):
-            if event["kind"] in ("kill_worker", "hang_worker") or self.last_step < event["step"]:
+    def _controller_faults(self) -> None:
+        """Carry out the node, manager and fragment faults that a paused rank reports."""
+        for rank, event in list(self.reported_faults.items()):
+            del self.reported_faults[rank]
+            key = (event["kind"], event["step"], event["phase"], event["rank"], event["node"])
+            if key in self.executed_faults:  # reported again before the paused rank resumed
                 continue
-            self.pending_faults.remove(event)
-            self.fault_log.append({**event, "at_step": self.last_step})
+            self.executed_faults.add(key)
+            self.pending_faults = [
+                e
+                for e in self.pending_faults
+                if (e["kind"], e["step"], e["phase"], e["rank"], e["node"]) != key
+            ]
+            self.fault_log.append(event)
             position = (
                 event["node"] if event["node"] is not None else self.position_of_rank(event["rank"])
             )
+            step = event["at_step"]
             if event["kind"] == "kill_node":
-                self.log(f"fault: removing node at position {position} (step {self.last_step})")
+                self.log(
+                    f"fault: removing node at position {position} (step {step}, {event['phase']})"
+                )
                 self.cluster.remove_node(self.node_of[position])
-            elif event["kind"] == "kill_manager":
-                self.log(f"fault: killing the snapshot manager at position {position}")
+                continue  # the paused rank died with its node
+            if event["kind"] == "kill_manager":
+                self.log(
+                    f"fault: killing the snapshot manager at position {position} (step {step})"
+                )
                 ray.kill(self.managers[position], no_restart=True)
             elif event["kind"] == "corrupt_fragment":
                 self._corrupt(position, event["rank"])
-        return None
+            self.workers[rank].release_fault.remote()
 
     def _corrupt(self, position: int, rank: int) -> None:
         status = ray.get(self.managers[position].status.remote())
@@ -418,11 +447,7 @@ class JobController:
         self.log(f"failure detected ({failure.kind}): {failure.detail}")
         # Ranks step in lockstep, so every worker-side fault up to the failing step has fired;
         # none may fire again when those steps run a second time.
-        self.pending_faults = [
-            e
-            for e in self.pending_faults
-            if not (e["kind"] in ("kill_worker", "hang_worker") and e["step"] <= failure.step + 1)
-        ]
+        self.pending_faults = [e for e in self.pending_faults if e["step"] > failure.step + 1]
         self.attempt += 1
 
         started = time.perf_counter()
@@ -451,7 +476,7 @@ class JobController:
             teardown_s=teardown_s,
             rebuild_s=rebuild_s,
             restart_s=restart_and_reform_s,
-            reform_s=0.0,
+            restore_s=self.last_restore_s,
             detail=detail,
         )
         self.recoveries.append(recovery)
@@ -493,7 +518,11 @@ class JobController:
             )
             return self._rebuild(version, corrupt, f"rebuilt corrupt copies at positions {corrupt}")
         # Node (or manager) loss: replace the lost positions.
+        from stalwart.snapshot.shm import remove_regions
+
         for position in lost:
+            # On an embedded cluster the lost node's memory lies on this host: free it.
+            remove_regions(f"stalwart-{self.job_id}-p{position}-")
             spare = self._take_node(position)
             self.node_of[position] = spare
             self._start_manager(position)

@@ -14,24 +14,56 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
 
+WORKER_FAULTS = ("kill_worker", "hang_worker")
+
+
+def fault_rank(event: dict, workers_per_node: int) -> int:
+    """The rank whose step and phase time a fault: its own rank, or the first rank of its node."""
+    if event["kind"] in ("kill_node", "kill_manager") and event.get("node") is not None:
+        return event["node"] * workers_per_node
+    return event["rank"]
+
 
 class FaultInjector:
-    def __init__(self, events: list[dict], *, rank: int, attempt: int):
-        self.events = [e for e in events if e["rank"] == rank]
+    """Fires the faults of one rank at their step and phase.
+
+    Worker faults act in the worker itself. For a node, manager or fragment fault the rank
+    pauses at that point and reports the fault as pending; the controller carries it out (a
+    removed node takes the paused worker with it) and then releases the rank.
+    """
+
+    def __init__(
+        self, events: list[dict], *, rank: int, attempt: int, release_timeout_s: float = 120.0
+    ):
+        self.events = list(events)
+        self.rank = rank
         self.attempt = attempt
+        self.pending: dict | None = None
+        self._released = threading.Event()
+        self.release_timeout_s = release_timeout_s
 
     def on_phase(self, phase: str, step: int) -> None:
         for event in self.events:
-            if event["step"] == step and event["phase"] == phase:
-                if event["kind"] == "kill_worker":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                elif event["kind"] == "hang_worker":
-                    while True:
-                        time.sleep(3600)
+            if event["step"] != step or event["phase"] != phase:
+                continue
+            if event["kind"] == "kill_worker":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif event["kind"] == "hang_worker":
+                while True:
+                    time.sleep(3600)
+            else:
+                self._released.clear()
+                self.pending = {**event, "at_step": step}
+                self._released.wait(self.release_timeout_s)
+                self.pending = None
+
+    def release(self) -> None:
+        self._released.set()
 
 
 def random_faults(config, num_faults: int, seed: int) -> list[dict]:

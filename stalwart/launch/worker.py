@@ -83,6 +83,7 @@ class TrainWorker:
             config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
         )
         restored_from = None
+        restore_started = time.perf_counter()
         if durable_step is not None:
             from stalwart.snapshot.restore import load_from_durable
 
@@ -98,6 +99,7 @@ class TrainWorker:
             self.agent = SnapshotAgent(
                 self.trainer, manager, rank=self.rank, every_steps=config.snapshot.every_steps
             )
+        restore_s = time.perf_counter() - restore_started if restored_from else 0.0
         if fault_events:
             from stalwart.launch.faults import FaultInjector
 
@@ -107,6 +109,7 @@ class TrainWorker:
         return {
             "rank": self.rank,
             "step": self.trainer.step,
+            "restore_s": restore_s,
             "restored_from": restored_from,
             "pid": os.getpid(),
         }
@@ -136,9 +139,14 @@ class TrainWorker:
             "rank": self.rank,
             "step": step,
             "idle_s": time.monotonic() - self.last_progress_s,
+            "pending_fault": self._faults.pending if self._faults is not None else None,
             "records": self.records[cursor:],
             "cursor": len(self.records),
         }
+
+    def release_fault(self) -> None:
+        if self._faults is not None:
+            self._faults.release()
 
     def set_manager(self, manager) -> None:
         """The node's snapshot manager was replaced: snapshot into the new one from now on."""

@@ -109,3 +109,72 @@ def test_manager_killed_alone_is_restarted_and_the_job_goes_on(reference, make_c
     assert summary["recoveries"] == [], [r.summary() for r in summary["recoveries"]]
     assert [r["position"] for r in summary["manager_restarts"]] == [1]
     _assert_identical(reference, summary)
+
+
+def test_fsdp_worker_kill_recovers_bit_identically(tmp_path, config_at):
+    fsdp = {"strategy": "fsdp", "world_size": 2}
+    clean = run_job(config_at(tmp_path / "clean", parallel=fsdp), log=_quiet)
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", parallel=fsdp),
+        [{"kind": "kill_worker", "step": 6, "phase": "backward", "rank": 0}],
+    )
+    summary = run_job(faulted, log=_quiet)
+    assert [r.source for r in summary["recoveries"]] == ["memory"]
+    _assert_identical(clean, summary)
+
+
+@pytest.mark.slow
+def test_two_losses_in_a_parity_two_group_recover_from_memory(tmp_path, config_at):
+    four_nodes = {
+        "parallel": {"strategy": "ddp", "world_size": 4},
+        "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
+        "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
+    }
+    clean = run_job(config_at(tmp_path / "clean", **four_nodes), log=_quiet)
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", **four_nodes),
+        [{"kind": "kill_node", "step": 5, "node": 1}, {"kind": "kill_node", "step": 5, "node": 3}],
+    )
+    summary = run_job(faulted, log=_quiet)
+    assert all(r.source == "erasure" for r in summary["recoveries"]), [
+        r.summary() for r in summary["recoveries"]
+    ]
+    _assert_identical(clean, summary)
+
+
+@pytest.mark.slow
+def test_losses_beyond_parity_fall_back_to_the_durable_tier_and_report_lost_steps(
+    tmp_path, config_at
+):
+    three_nodes = {
+        "parallel": {"strategy": "ddp", "world_size": 3},
+        "cluster": {"num_nodes": 3, "num_spare_nodes": 2},
+        "trainer": {"max_steps": 10, "batch_size": 9},
+        "snapshot": {"persist_every": 3, "erasure": {"group_size": 3, "parity": 1}},
+    }
+    clean = run_job(config_at(tmp_path / "clean", **three_nodes), log=_quiet)
+    messages = []
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", **three_nodes),
+        [{"kind": "kill_node", "step": 8, "node": 0}, {"kind": "kill_node", "step": 8, "node": 2}],
+    )
+    summary = run_job(faulted, log=messages.append)
+    durable = [r for r in summary["recoveries"] if r.source == "durable"]
+    assert durable, messages
+    assert durable[0].restored_version == 6 and durable[0].lost_steps >= 1, durable[0].summary()
+    assert any("falling back to the durable checkpoint of step 6" in m for m in messages), messages
+    _assert_identical(clean, summary)
+
+
+@pytest.mark.slow
+def test_randomized_drill_of_twenty_faults_ends_bit_identical(tmp_path, config_at):
+    from stalwart.launch.faults import run_drill
+
+    config = config_at(
+        tmp_path,
+        trainer={"max_steps": 60, "batch_size": 8},
+        cluster={"num_spare_nodes": 3},
+    )
+    messages = []
+    assert run_drill(config, num_faults=20, seed=3, log=messages.append), messages[-5:]
+    assert any("20 faults" in m for m in messages)
