@@ -38,7 +38,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -529,10 +529,12 @@ def load_checkpoint(
     root: str | Path,
     step: int | None = None,
     *,
+    names: Sequence[str] | None = None,
     chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
 ) -> LoadedCheckpoint:
     """Load checkpoint ``step`` (default: :func:`latest_step`), verifying every file's size
-    and xxh3-64 against the manifest before returning anything.
+    and xxh3-64 against the manifest before returning anything. ``names`` limits the load to
+    those shards (a rank reads only its own).
 
     Raises ``FileNotFoundError`` when there is no such checkpoint and
     :class:`CheckpointCorruptError` (naming the file and the mismatch) when one does not verify.
@@ -552,7 +554,12 @@ def load_checkpoint(
             f"{path / MANIFEST_FILENAME}: says step {manifest['step']}, directory is step {step}"
         )
     shards = {}
-    for name, record in manifest["shards"].items():
+    wanted = manifest["shards"] if names is None else {n: manifest["shards"].get(n) for n in names}
+    for name, record in wanted.items():
+        if record is None:
+            raise FileNotFoundError(
+                f"checkpoint {path} has no shard {name!r}; it has {sorted(manifest['shards'])}"
+            )
         try:
             file_path = path / record["file"]
             expected_nbytes, expected_hash = int(record["nbytes"]), str(record["xxh3_64"])

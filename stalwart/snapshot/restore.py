@@ -30,6 +30,7 @@ def load_from_durable(trainer, run_dir: str | Path, rank: int, step: int) -> Non
 
     from stalwart.snapshot.persist import load_checkpoint
 
-    checkpoint = load_checkpoint(run_dir, step)
-    array, layout = checkpoint.shards[f"rank{rank:05d}"]
+    name = f"rank{rank:05d}"
+    checkpoint = load_checkpoint(run_dir, step, names=[name])
+    array, layout = checkpoint.shards[name]
     load_snapshot(trainer, memoryview(array), json.dumps(layout))
