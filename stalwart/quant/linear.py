@@ -22,6 +22,7 @@ resumed run continues bit-identically (recipes.quant_state_dict gathers them for
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,12 @@ def _native_fp8_eligible(a: torch.Tensor, b: torch.Tensor, gemm: GemmQuant) -> b
     return a.shape[0] % 16 == 0 and a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0
 
 
+@functools.lru_cache(maxsize=64)
+def _hadamard(size: int, seed: int | None) -> HadamardTransform:
+    """One transform (and its cached matrices) per (size, seed), shared by all layers."""
+    return HadamardTransform(size, seed)
+
+
 def quantized_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -133,7 +140,7 @@ def quantized_matmul(
         pad = -a.shape[-1] % size
         if pad:  # zeros along K on both operands leave the product unchanged
             a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
-        transform = HadamardTransform(size, gemm.hadamard_seed)
+        transform = _hadamard(size, gemm.hadamard_seed)
         a, b = transform.apply(a), transform.apply(b)
     a_values, a_scale = quantize_for_gemm(a, gemm.a, -1, generator=generator_a)
     b_values, b_scale = quantize_for_gemm(b, gemm.b, -1, generator=generator_b)

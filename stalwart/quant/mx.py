@@ -23,11 +23,13 @@ Elements are rounded with round-to-nearest-even or stochastic rounding (rounding
 saturate at the element max. NaN or Inf in a block makes its E8M0 scale NaN (the whole block
 reads NaN, as the spec says); under NV or tensor scaling it makes the whole tensor NaN.
 
-`quantize` returns a `QuantizedTensor` (elements, block scales, tensor scale, codes on demand);
-`quantize_dequantize` computes `quantize(...).dequantize()` in one fused pass. On CPU that
-pass runs over cache-sized chunks with scratch buffers reused across chunks, so intermediates
-never leave L2 and no tensor-sized temporaries are allocated; on CUDA it is the same sequence
-of elementwise ops on whole tensors. No Python loop ever runs per block.
+`quantize` returns a `QuantizedTensor` (elements, block scales, tensor scale, codes on demand)
+and is the reference; `quantize_dequantize` computes the same values fused. On CPU the fused
+path runs over cache-sized chunks with scratch buffers reused across chunks, so intermediates
+stay in cache and no tensor-sized temporaries are allocated: MX in a single pass (each chunk's
+amax, scales and rounding while it is in cache, rounding on x itself), NV in two (the tensor
+scale needs every block amax first). On CUDA the same math runs as whole-tensor ops. No Python
+loop ever runs per block.
 """
 
 from __future__ import annotations
