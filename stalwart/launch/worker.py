@@ -77,7 +77,9 @@ class TrainWorker:
                 master_port=master_port,
                 rank=self.rank,
                 world_size=self.world_size,
-                timeout_s=config.cluster.hang_timeout_s,
+                # Longer than the controller's hang watchdog, which should see a hang first
+                # and tell it apart from a crash.
+                timeout_s=2 * config.cluster.hang_timeout_s + 30,
             )
         self.trainer = Trainer(
             config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
