@@ -144,7 +144,9 @@ def prepare_code_corpus(directory: Path) -> tuple[Path, Path]:
     return train.output, held_out.output
 
 
-def run_training(steps: int, depth: int, precision: str, eval_batches: int, seeds: int) -> dict:
+def run_training(
+    steps: int, depth: int, precision: str, eval_batches: int, seeds: int, lr: float
+) -> dict:
     """Every recipe trains from the same init and data order as bf16 for each seed (paired
     runs), so a recipe's gap is measured against its own bf16 twin; the spread over seeds is
     the run-to-run noise that any gap has to be read against."""
@@ -166,6 +168,7 @@ def run_training(steps: int, depth: int, precision: str, eval_batches: int, seed
         f"trainer.num_threads={torch.get_num_threads()}",
         "trainer.device=cpu",
         "optim.warmup_steps=20",
+        f"optim.lr={lr}",
         "parallel.strategy=none",
     ]
     runs = {name: (name, []) for name in RECIPES}
@@ -219,7 +222,7 @@ def run_training(steps: int, depth: int, precision: str, eval_batches: int, seed
     spread = statistics.stdev(results["bf16"]["eval_loss_per_seed"]) if seeds > 1 else float("nan")
     print_table(
         f"Training: GPT depth {depth}, {steps} steps, batch 16 x 64 bytes of Python source, "
-        f"trainer.precision={precision}, {seeds} paired seeds; held-out loss over {eval_batches} "
+        f"lr {lr}, trainer.precision={precision}, {seeds} paired seeds; held-out loss over {eval_batches} "
         f"batches (bf16 seed-to-seed std: {spread:.4f})",
         ["recipe", "eval loss (mean)", "gap vs bf16 %", "+- stderr %", "per-seed gaps %", "s/step"],
         [
@@ -351,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="qsnr,training,throughput")
     parser.add_argument("--steps", type=int, default=300, help="training steps per recipe")
     parser.add_argument("--seeds", type=int, default=3, help="paired seeds per recipe")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="peak learning rate (3e-3 makes runs chaotic here)"
+    )
     parser.add_argument("--depth", type=int, default=2, help="GPT depth for the training part")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--eval-batches", type=int, default=16)
@@ -377,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         output["qsnr_db"] = {name: row["gaussian"] for name, row in qsnr["table"].items()}
     if "training" in parts:
         training = run_training(
-            args.steps, args.depth, args.precision, args.eval_batches, args.seeds
+            args.steps, args.depth, args.precision, args.eval_batches, args.seeds, args.lr
         )
         output["training"] = {k: v for k, v in training.items() if k != "curves"}
         output["training"]["curves"] = training["curves"]

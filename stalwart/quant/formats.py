@@ -275,24 +275,30 @@ def quantize_magnitude_(
     random_bits: torch.Tensor | None = None,
     num_random_bits: int = 8,
     scratch: torch.Tensor | None = None,
+    scratch_for_stochastic: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round float32 `values` onto the grid of a float/int format, in place.
 
     The caller has already clamped `values` to +-max (saturation); NaN stays NaN. Stochastic
     rounding needs non-negative magnitudes (the caller restores the sign, which keeps it
     symmetric); nearest-even also accepts signed values, but a negative value that rounds to
-    zero comes back as +0. `scratch` (same shape, float32) avoids an allocation in mx.py's loop.
+    zero comes back as +0. The scratch tensors (same shape, float32) avoid allocations in
+    mx.py's chunk loops.
     """
     if element.kind == "int":
         if rounding_mode == "nearest":
             return rounding.round_half_even_to_ulp_(values, element.step)
-        return rounding.stochastic_round_to_ulp_(values, element.step, random_bits, num_random_bits)
+        return rounding.stochastic_round_to_ulp_(
+            values, element.step, random_bits, num_random_bits, buffer=scratch_for_stochastic
+        )
     if rounding_mode == "nearest":
         # c = 1.5 * 2^23 * ulp straight from the exponent field: one multiply, not two
         magic = float_ulp(values, element, out=scratch, factor=rounding.MAGIC)
         return rounding.add_sub_magic_(values, magic)
     ulp = float_ulp(values, element, out=scratch)
-    return rounding.stochastic_round_to_ulp_(values, ulp, random_bits, num_random_bits)
+    return rounding.stochastic_round_to_ulp_(
+        values, ulp, random_bits, num_random_bits, buffer=scratch_for_stochastic
+    )
 
 
 def float_ulp(

@@ -376,6 +376,7 @@ def _quantize_chunk_(
     element: ElementFormat,
     spec: QuantSpec,
     random_bits: torch.Tensor | None,
+    scratch_for_stochastic: torch.Tensor | None = None,
 ) -> None:
     """out = Q(x / divisor) * multiplier, in place."""
     limit = element.max_value
@@ -402,6 +403,7 @@ def _quantize_chunk_(
             random_bits=random_bits,
             num_random_bits=spec.num_random_bits,
             scratch=scratch,
+            scratch_for_stochastic=scratch_for_stochastic,
         )
         torch.copysign(scaled, values, out=scaled)
     if multiplier is not None:
@@ -514,6 +516,7 @@ def _fused_nv_cpu(
     bits = random_bits.view(-1, block) if random_bits is not None else None
     chunk_blocks = max(1, CPU_CHUNK_ELEMENTS // block)
     scratch = torch.empty(min(chunk_blocks, blocks_in.shape[0]), block)
+    scratch_for_stochastic = torch.empty_like(scratch) if bits is not None else None
     for start in range(0, blocks_in.shape[0], chunk_blocks):
         stop = min(start + chunk_blocks, blocks_in.shape[0])
         block_scale, divisor, full = _nv_block_scales(amax[start:stop], tensor_scale, spec)
@@ -527,6 +530,7 @@ def _fused_nv_cpu(
             element,
             spec,
             bits[start:stop] if bits is not None else None,
+            scratch_for_stochastic[: stop - start] if bits is not None else None,
         )
     return tensor_scale
 
@@ -561,6 +565,7 @@ def _fused_rows(
 
     chunk_blocks = max(1, CPU_CHUNK_ELEMENTS // width)
     scratch = torch.empty(min(chunk_blocks, blocks_in.shape[0]), width)
+    scratch_for_stochastic = torch.empty_like(scratch) if bits is not None else None
     for start in range(0, blocks_in.shape[0], chunk_blocks):
         stop = min(start + chunk_blocks, blocks_in.shape[0])
         _quantize_chunk_(
@@ -573,6 +578,7 @@ def _fused_rows(
             element,
             spec,
             bits[start:stop] if bits is not None else None,
+            scratch_for_stochastic[: stop - start] if bits is not None else None,
         )
     return out
 

@@ -14,8 +14,8 @@ Blackwell's cvt.rs and of the UE5M3 recipe). With r uniform in [0, 2^n) the valu
     frac + (2r + 1) / 2^(n+1) >= 1,
 a centred dither: the expectation equals the input exactly when frac is a multiple of 2^-n and
 is off by at most 2^-(n+1) ulp otherwise (plain truncation of the random bits would be biased
-downwards by up to 2^-n ulp). The comparison is done on the exact fraction, so no fp32 rounding
-enters the decision. The result is always one of the two neighbouring grid values.
+downwards by up to 2^-n ulp). The fraction plus the dither is exact in fp32, so no fp32
+rounding enters the decision. The result is always one of the two neighbouring grid values.
 
 Random bits come from an explicit, seedable torch.Generator (`draw_random_bits`), so a run
 that re-seeds the same way draws the same bits (see recipes.py for how seeds are derived).
@@ -62,9 +62,15 @@ def stochastic_round_to_ulp_(
     ulp: torch.Tensor | float,
     random_bits: torch.Tensor | None,
     num_random_bits: int = 8,
+    buffer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round non-negative float32 `magnitude` down or up to a multiple of `ulp` at random, in
-    place: up with probability ~ the fractional part (see the module docstring)."""
+    place: up with probability ~ the fractional part (see the module docstring). `buffer`
+    (float32, same shape) avoids an allocation.
+
+    With t = magnitude / ulp (exact: ulp is a power of two), the result is
+    floor(t) + floor(frac(t) + (2r + 1) / 2^(n+1)); that sum is exact in fp32 (it needs at most
+    24 significant bits for every format here), so no fp32 rounding enters the decision."""
     if random_bits is None:
         raise ValueError("stochastic rounding needs random_bits (see draw_random_bits)")
     if random_bits.shape != magnitude.shape:
@@ -72,16 +78,12 @@ def stochastic_round_to_ulp_(
             f"random_bits shape {tuple(random_bits.shape)} must match the values' shape "
             f"{tuple(magnitude.shape)}"
         )
-    scaled = magnitude.div_(ulp)  # exact: ulp is a power of two
-    lower = torch.floor(scaled)
+    scaled = magnitude.div_(ulp)
+    lower = torch.floor(scaled) if buffer is None else torch.floor(scaled, out=buffer)
     fraction = scaled.sub_(lower)
-    # threshold = 1 - (2r + 1) / 2^(n+1), exact in fp32 for n <= 16
-    threshold = random_bits.to(torch.float32).mul_(-2.0).add_(2.0 ** (num_random_bits + 1) - 1.0)
-    threshold.mul_(2.0 ** -(num_random_bits + 1))
-    round_up = torch.ge(fraction, threshold)
-    lower.add_(round_up)
-    # NaN inputs: floor(NaN) is NaN and stays NaN through the add
-    return magnitude.copy_(lower.mul_(ulp))
+    fraction.add_(random_bits, alpha=2.0**-num_random_bits).add_(2.0 ** -(num_random_bits + 1))
+    round_up = fraction.floor_()  # 1 where frac + (2r + 1) / 2^(n+1) >= 1, else 0; NaN stays
+    return round_up.add_(lower).mul_(ulp)
 
 
 def draw_random_bits(
