@@ -60,6 +60,12 @@ class Trainer:
             # cuBLAS needs a fixed workspace for reproducible GEMMs (ignored on CPU).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+        if config.offload.device != "none":
+            raise ValueError(
+                f"offload.device is {config.offload.device!r}: offloaded training runs through "
+                "`stalwart finetune` (stalwart.offload.engine.OffloadEngine); `stalwart train` "
+                "keeps the whole state in memory, so set offload.device: none here"
+            )
         self.device = pick_device(trainer_config.device, rank)
         # Every rank starts from the same global seed: identical init, identical data order.
         seed_everything(trainer_config.seed)
