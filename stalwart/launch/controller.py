@@ -150,7 +150,7 @@ class JobController:
             self._wire_managers()
         self._start_workers(restore_version=None, durable_step=resume_step)
 
-    def _start_manager(self, position: int):
+    def _start_manager(self, position: int, *, replacement: bool = False):
         from stalwart.snapshot.manager import RemoteSnapshotManager
 
         snapshot = self.config.snapshot
@@ -168,6 +168,7 @@ class JobController:
             keep=snapshot.keep,
             num_threads=snapshot.manager_num_threads,
             wait_timeout_s=self.config.cluster.hang_timeout_s,
+            replacement=replacement,
         )
         self.managers[position] = manager
         return manager
@@ -383,12 +384,10 @@ class JobController:
         for position in dead:
             started = time.perf_counter()
             self.log(f"snapshot manager at position {position} died: restarting it on its node")
-            manager = self._start_manager(position)
+            manager = self._start_manager(position, replacement=True)
             self._wire_managers()
             ranks = self.ranks_of(position)
             ray.get([self.workers[r].set_manager.remote(manager) for r in ranks], timeout=60)
-            # Versions taken before the switch lack this node's copy and can never commit.
-            self._call_all(self.managers, "abandon_in_flight", timeout_s=30.0)
             self.manager_restarts.append(
                 {
                     "position": position,
@@ -514,7 +513,7 @@ class JobController:
             return version, "memory", ""
         if not lost:
             self.log(
-                f"position(s) {corrupt} hold a corrupt copy of version {version}: rebuilding it"
+                f"position(s) {corrupt} hold no valid copy of version {version}: rebuilding it"
             )
             return self._rebuild(version, corrupt, f"rebuilt corrupt copies at positions {corrupt}")
         # Node (or manager) loss: replace the lost positions.

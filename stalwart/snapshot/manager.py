@@ -126,6 +126,7 @@ class SnapshotManager:
         keep: int = 2,
         num_threads: int = 1,
         wait_timeout_s: float = 60.0,
+        replacement: bool = False,
     ):
         self.job_id = job_id
         self.position = position
@@ -138,6 +139,8 @@ class SnapshotManager:
         self.num_threads = num_threads
         self.wait_timeout_s = wait_timeout_s
         self.incarnation = uuid.uuid4().hex[:8]
+        self.replacement = replacement
+        self.abandon_floor = 0
         self.regions: dict[int, list[shm.Region]] = {}
         self.slot_versions: dict[tuple[int, int], int | None] = {}
         self.versions: dict[int, VersionState] = {}
@@ -220,14 +223,26 @@ class SnapshotManager:
                 f"rank {rank} version {version}: {len(checksums)} checksums for "
                 f"{len(layout['entries'])} entries"
             )
+        announce_floor = False
         with self.cond:
+            if self.replacement and self.abandon_floor == 0:
+                # First version this replacement receives: older in-flight versions elsewhere
+                # lack this node's copy and can never commit.
+                self.abandon_floor = version
+                announce_floor = True
             state = self.versions.setdefault(version, VersionState())
+            if version < self.abandon_floor:
+                state.failed = "abandoned: older than a replaced peer's first version"
             state.local[rank] = RankVersion(
                 slot, layout_json, list(checksums), layout["total_bytes"]
             )
             complete = set(state.local) == set(self.ranks)
             self.cond.notify_all()
-        if complete:
+        if announce_floor:
+            for position, peer in self.peers.items():
+                if position != self.position:
+                    peer.abandon_below.remote(version)
+        if complete and version >= self.abandon_floor:
             self.encoder.submit(self._encode_and_announce, version)
 
     # -- erasure coding and commit ---------------------------------------------------------
@@ -366,6 +381,15 @@ class SnapshotManager:
                 return slot
         held = [self.slot_versions[(rank, slot)] for slot in range(2)]
         return int(np.argmin(held))
+
+    def abandon_below(self, floor: int) -> None:
+        """Versions older than `floor` can never commit (a replaced peer never saw them)."""
+        with self.cond:
+            self.abandon_floor = max(self.abandon_floor, floor)
+            for version, state in self.versions.items():
+                if version < floor and (self.committed is None or version > self.committed):
+                    state.failed = "abandoned: older than a replaced peer's first version"
+            self.cond.notify_all()
 
     def abandon_in_flight(self) -> list[int]:
         """Give up every version newer than the committed one: a peer manager was replaced, so
