@@ -34,7 +34,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     kind: Literal["gpt", "hf"] = "gpt"
     depth: int = Field(2, ge=1, le=96, description="GPT size dial: width, heads derive from it")
-    width: int | None = Field(None, ge=8, description="override the derived width (multiple of heads)")
+    width: int | None = Field(
+        None, ge=8, description="override the derived width (multiple of heads)"
+    )
     num_heads: int | None = Field(None, ge=1)
     context_length: int = Field(64, ge=2, le=131072)
     vocab_size: int = Field(259, ge=2, description="259 = the built-in byte tokenizer")
@@ -206,10 +208,14 @@ class AioConfig(Section):
 class OffloadConfig(Section):
     device: Literal["none", "cpu", "nvme"] = "none"
     nvme_path: str | None = Field(None, description="existing directory on a fast local SSD")
-    max_host_memory_gb: float = Field(4.0, gt=0, description="hard cap on the process's host memory")
+    max_host_memory_gb: float = Field(
+        4.0, gt=0, description="hard cap on the process's host memory"
+    )
     max_device_memory_gb: float = Field(0.0, ge=0, description="0 = no device budget")
     pin_memory: bool = True
-    buffer_count: int = Field(4, ge=1, description="parameter buffers in flight (prefetch depth + 1)")
+    buffer_count: int = Field(
+        4, ge=1, description="parameter buffers in flight (prefetch depth + 1)"
+    )
     prefetch_depth: int | None = Field(None, ge=0, description="None = chosen by the planner")
     activation_swap: Literal["auto", "keep", "host", "nvme"] = Field(
         "auto", description="where block checkpoints live; auto = the planner decides per block"

@@ -72,7 +72,8 @@ class KVCache:
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float):
     """cos/sin of shape [B, 1, T, head_dim/2] for integer positions [B, T]."""
     inverse_frequency = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
     angles = positions.to(torch.float32)[..., None] * inverse_frequency
     return angles.cos()[:, None], angles.sin()[:, None]

@@ -33,7 +33,9 @@ class HFCausalLM(nn.Module):
         self.config = model.config
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
-        output = self.model(input_ids=tokens, attention_mask=padding_mask, use_cache=False, **kwargs)
+        output = self.model(
+            input_ids=tokens, attention_mask=padding_mask, use_cache=False, **kwargs
+        )
         return output.logits.float()
 
     def num_params(self) -> int:

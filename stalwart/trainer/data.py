@@ -36,7 +36,10 @@ def build_datasets(config, *, cache_dir: Path, rank: int = 0):
         tokenizer = load_tokenizer(data.tokenizer)
         stem = f"arithmetic-n{data.num_examples}-max{data.max_operand}-seed{data.seed}"
         paths = {}
-        for split, count in (("train", data.num_examples), ("test", max(64, int(data.num_examples * EVAL_FRACTION)))):
+        for split, count in (
+            ("train", data.num_examples),
+            ("test", max(64, int(data.num_examples * EVAL_FRACTION))),
+        ):
             paths[split] = _materialise(
                 cache_dir / f"{stem}-{split}.parquet",
                 lambda target, split=split, count=count: write_arithmetic_parquet(
@@ -55,7 +58,8 @@ def build_datasets(config, *, cache_dir: Path, rank: int = 0):
 
         num_tokens = data.num_examples * (context_length + 1)
         path = _materialise(
-            cache_dir / f"synthetic-t{num_tokens}-v{config.model.vocab_size}-seed{data.seed}.parquet",
+            cache_dir
+            / f"synthetic-t{num_tokens}-v{config.model.vocab_size}-seed{data.seed}.parquet",
             lambda target: write_synthetic_parquet(
                 target, num_tokens, seed=data.seed, vocab_size=config.model.vocab_size
             ),

@@ -75,7 +75,9 @@ class Trainer:
             from stalwart.quant.recipes import convert
 
             model = convert(model, config.quant)
-        self.model = parallel.parallelize(model.to(self.device), config.parallel.strategy, self.device)
+        self.model = parallel.parallelize(
+            model.to(self.device), config.parallel.strategy, self.device
+        )
         self.optimizer = build_optimizer(self.model, config.optim)
         self.schedule = WarmupCosine(
             self.optimizer,
@@ -146,7 +148,9 @@ class Trainer:
             num_tokens += targets.numel()
         max_norm = self.config.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = float(
+            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        )
         for hook in self.before_optimizer_hooks:
             hook(self.step + 1)
         self._phase("optimizer")

@@ -22,7 +22,9 @@ def build_optimizer(model: nn.Module, optim_config) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": optim_config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = dict(lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2), eps=optim_config.eps)
+    kwargs = dict(
+        lr=optim_config.lr, betas=(optim_config.beta1, optim_config.beta2), eps=optim_config.eps
+    )
     fused = optim_config.fused
     if fused is None:
         fused = _fused_supported(decay + no_decay)
@@ -40,7 +42,9 @@ def _fused_supported(parameters) -> bool:
 class WarmupCosine:
     """Linear warmup to the peak LR, then cosine decay to `min_lr_ratio` x peak at max_steps."""
 
-    def __init__(self, optimizer, *, peak_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    def __init__(
+        self, optimizer, *, peak_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float
+    ):
         self.optimizer = optimizer
         self.peak_lr = peak_lr
         self.warmup_steps = warmup_steps

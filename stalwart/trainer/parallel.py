@@ -18,13 +18,21 @@ from torch import nn
 def pick_backend(requested: str, device: torch.device) -> str:
     if requested != "auto":
         if requested == "nccl" and device.type != "cuda":
-            raise ValueError("parallel.backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU")
+            raise ValueError(
+                "parallel.backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU"
+            )
         return requested
     return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init_process_group(
-    *, backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float
+    *,
+    backend: str,
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
 ) -> None:
     """Join a fresh process group (a new rendezvous for every (re-)formation)."""
     if master_addr in ("127.0.0.1", "localhost"):
@@ -68,7 +76,9 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Mod
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    )
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
