@@ -258,32 +258,37 @@ def run_training(
 
 
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
+    """Left: the loss curves. Right: each recipe's loss minus bf16's on the same batches, where
+    the batch-to-batch noise that all runs share cancels out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (full, zoom) = plt.subplots(1, 2, figsize=(13, 4.5))
-    window = 10
-    for label, losses in curves.items():
-        values = torch.tensor(losses)
-        smooth = values.unfold(0, window, 1).mean(1) if len(losses) >= window else values
-        steps = range(len(losses) - len(smooth) + 1, len(losses) + 1)
-        style = "--" if "no_rht" in label else "-"
-        for axis in (full, zoom):
-            axis.plot(list(steps), smooth.tolist(), style, label=label, linewidth=1.2)
-    zoom.set_xlim(len(next(iter(curves.values()))) // 2, None)
-    tail = [v for losses in curves.values() for v in losses[len(losses) // 2 :]]
-    zoom.set_ylim(min(tail) * 0.98, max(tail) * 1.02)
-    for axis, title in (
-        (full, "training loss (mean over seeds, 10-step mean)"),
-        (zoom, "second half"),
-    ):
+    def smooth(values: list[float], window: int) -> tuple[list[int], list[float]]:
+        tensor = torch.tensor(values)
+        if len(values) < window:
+            return list(range(1, len(values) + 1)), values
+        means = tensor.unfold(0, window, 1).mean(1)
+        return list(range(window, len(values) + 1)), means.tolist()
+
+    figure, (losses, gaps) = plt.subplots(1, 2, figsize=(13, 4.5))
+    baseline = torch.tensor(curves["bf16"])
+    palette = plt.get_cmap("tab20").colors
+    for index, (label, values) in enumerate(curves.items()):
+        style = {"linestyle": "--" if "no_rht" in label else "-", "color": palette[index % 20]}
+        losses.plot(*smooth(values, 10), label=label, linewidth=1.1, **style)
+        if label != "bf16":
+            gap = (100 * (torch.tensor(values) / baseline - 1)).tolist()
+            gaps.plot(*smooth(gap, 50), label=label, linewidth=1.1, **style)
+    gaps.axhline(0.0, color="black", linewidth=0.8)
+    losses.set_title("training loss (mean over seeds, 10-step mean)")
+    gaps.set_title("training loss vs bf16 on the same batches, % (50-step mean)")
+    for axis, ylabel in ((losses, "loss"), (gaps, "gap vs bf16 %")):
         axis.set_xlabel("step")
-        axis.set_ylabel("loss")
-        axis.set_title(title)
+        axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    full.legend(fontsize=7)
+    gaps.legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
