@@ -6,6 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from stalwart.quant import formats
 from stalwart.quant.formats import E8M0, ELEMENT_FORMATS, UE5M3, element_format
@@ -290,3 +293,23 @@ def test_native_and_identity_formats():
     assert torch.equal(ELEMENT_FORMATS["bf16"].quantize(values), values.bfloat16().float())
     with pytest.raises(ValueError, match="nearest"):
         ELEMENT_FORMATS["bf16"].quantize(values, rounding_mode="stochastic")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=arrays(
+        np.float32,
+        st.integers(1, 64),
+        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+    ),
+    name=st.sampled_from(["e4m3", "e5m2"]),
+)
+def test_any_float32_quantizes_like_ml_dtypes(values, name):
+    """Property: for arbitrary fp32 inputs (NaN, Inf, subnormals, huge), the non-saturating
+    cast is ml_dtypes' cast, and the saturating one is ml_dtypes' cast of the clipped input."""
+    fmt = element_format(name)
+    x = torch.from_numpy(values.copy())
+    golden, _ = golden_quantize(fmt, x)
+    assert same_values(fmt.quantize(x, saturate=False), golden).all()
+    clipped, _ = golden_quantize(fmt, x.clamp(-fmt.max_value, fmt.max_value))
+    assert same_values(fmt.quantize(x), clipped).all()
