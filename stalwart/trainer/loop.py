@@ -222,7 +222,16 @@ class Trainer:
             "rng": rng_state(),
             "step": self.step,
             "totals": dict(self.totals),
+            # Stochastic-rounding counters of quantized layers (JSON); empty without a recipe.
+            "quant": self._quant_state(),
         }
+
+    def _quant_state(self) -> dict:
+        if self.config.quant.recipe in ("bf16", "none"):
+            return {}
+        from stalwart.quant.recipes import quant_state_dict
+
+        return quant_state_dict(parallel.unwrap(self.model))
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -249,6 +258,10 @@ class Trainer:
         load_rng_state(state["rng"])
         self.step = int(state["step"])
         self.totals = {key: int(value) for key, value in state["totals"].items()}
+        if state.get("quant"):
+            from stalwart.quant.recipes import load_quant_state_dict
+
+            load_quant_state_dict(parallel.unwrap(self.model), state["quant"])
 
 
 @contextlib.contextmanager
