@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from stalwart.config import load_config
-from stalwart.models.gpt import GPT, GPTConfig
+from stalwart.models import build_model
 from stalwart.trainer.loop import Trainer
 
 TARGET_RATIO = 1.05
@@ -77,19 +77,7 @@ class BareLoop:
 
     def __init__(self, trainer: Trainer, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         config = trainer.config
-        model_config = config.model
-        self.model = GPT(
-            GPTConfig(
-                vocab_size=model_config.vocab_size,
-                context_length=model_config.context_length,
-                depth=model_config.depth,
-                width=model_config.width,
-                num_heads=model_config.num_heads,
-                tie_embeddings=model_config.tie_embeddings,
-                rope_theta=model_config.rope_theta,
-                seed=config.trainer.seed,
-            )
-        )
+        self.model = build_model(config.model, seed=config.trainer.seed)
         optim = config.optim
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
