@@ -288,9 +288,15 @@ class JobController:
         return None
 
     @staticmethod
-    def _call_all(handles: dict, method: str, *args, timeout_s: float = 3.0) -> dict:
-        """Call `method` on every actor at once; a dead or unresponsive one maps to None."""
-        refs = {key: getattr(handle, method).remote(*args) for key, handle in handles.items()}
+    def _call_all(
+        handles: dict, method: str, *args, timeout_s: float = 3.0, args_by_key: dict | None = None
+    ) -> dict:
+        """Call `method` on every actor at once (with `args`, or `args_by_key[key]`); a dead or
+        unresponsive actor maps to None."""
+        refs = {
+            key: getattr(handle, method).remote(*(args_by_key[key] if args_by_key else args))
+            for key, handle in handles.items()
+        }
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         ready = set(ready)
         results = {}
@@ -301,20 +307,11 @@ class JobController:
                 results[key] = None
         return results
 
-    def _progress_reports(self) -> dict:
-        refs = {rank: w.progress.remote(self.cursors[rank]) for rank, w in self.workers.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=3.0)
-        reports = {}
-        for rank, ref in refs.items():
-            try:
-                reports[rank] = ray.get(ref) if ref in ready else None
-            except (RayActorError, RayTaskError):
-                reports[rank] = None
-        return reports
-
     def _drain_progress(self) -> dict[int, float]:
         idle = {}
-        reports = self._progress_reports()
+        reports = self._call_all(
+            self.workers, "progress", args_by_key={r: (self.cursors[r],) for r in self.workers}
+        )
         for rank, report in reports.items():
             if report is None:
                 idle[rank] = float("inf")
@@ -361,8 +358,9 @@ class JobController:
     def _replace_dead_managers(self) -> None:
         """A manager that died on a live node is restarted there; training does not stop.
 
-        Its memory is gone, so the versions in flight can never commit: every manager abandons
-        them, and the next snapshot fills the new manager.
+        Its memory is gone, so the versions in flight can never commit: the replacement tells its
+        peers to abandon everything older than the first version it receives (`abandon_below`),
+        and that version fills it.
         """
         if not self.managers or time.monotonic() < self._next_manager_check:
             return

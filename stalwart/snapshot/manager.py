@@ -391,16 +391,6 @@ class SnapshotManager:
                     state.failed = "abandoned: older than a replaced peer's first version"
             self.cond.notify_all()
 
-    def abandon_in_flight(self) -> list[int]:
-        """Give up every version newer than the committed one: a peer manager was replaced, so
-        they can never commit. Slots holding them become free."""
-        with self.cond:
-            abandoned = [v for v in self.versions if self.committed is None or v > self.committed]
-            for version in abandoned:
-                self.versions[version].failed = "abandoned: a peer manager was replaced"
-            self.cond.notify_all()
-            return abandoned
-
     def reset(self) -> None:
         """Forget every version (the job restarts from the durable tier at an older step)."""
         with self.cond:
