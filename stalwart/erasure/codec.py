@@ -46,7 +46,7 @@ import functools
 import math
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -369,6 +369,7 @@ def encode_parity(
     parity_indices: Sequence[int] | None = None,
     num_threads: int = 1,
     segment_nbytes: int = DEFAULT_SEGMENT_NBYTES,
+    allocate: Callable[[int], bytearray] | None = None,
 ) -> list[bytearray]:
     """Parity fragments of the stripe formed by ``data_chunks`` (k = len(data_chunks)).
 
@@ -377,7 +378,13 @@ def encode_parity(
     fragment carries the stripe's table (length and xxh3-64 of every data chunk) so
     :func:`decode_stripe` can verify surviving data chunks. ``parity_indices`` selects
     which of the ``m`` parity pieces to compute (default all, in order). ``num_threads``
-    > 1 encodes segments in parallel (zfec releases the GIL).
+    > 1 encodes segments in parallel (zfec releases the GIL). ``allocate(nbytes)`` supplies
+    the fragment buffers (every byte is overwritten), so a caller encoding every step can
+    recycle them: a fresh gigabyte-sized buffer costs more in page faults than the copy.
+
+    With k = 1 every parity piece of the code equals the data chunk (the systematic code's
+    single column is all ones), so the payload is a plain copy and its checksum is the data
+    chunk's: byte-identical to zfec's output at memory-copy speed.
     """
     k = len(data_chunks)
     if k < 1:
@@ -402,7 +409,14 @@ def encode_parity(
     padded = [_zero_padded(view, chunk_nbytes) for view in views]
     n = k + m
     payload_offset = FRAGMENT_HEADER_NBYTES + k * TABLE_ENTRY_NBYTES
-    fragments = [bytearray(payload_offset + chunk_nbytes) for _ in parity_indices]
+    allocate = allocate or bytearray
+    fragments = [allocate(payload_offset + chunk_nbytes) for _ in parity_indices]
+    for fragment in fragments:
+        if len(fragment) != payload_offset + chunk_nbytes:
+            raise ValueError(
+                f"allocate returned {len(fragment)} bytes for a fragment of "
+                f"{payload_offset + chunk_nbytes}"
+            )
     data_hashers = [xxhash.xxh3_64() for _ in views]
     payload_hashers = [xxhash.xxh3_64() for _ in fragments]
     encoder = _encoder(k, n)
@@ -413,7 +427,10 @@ def encode_parity(
     def encode_segment(start: int, hash_in_order: bool) -> None:
         stop = min(start + segment_nbytes, chunk_nbytes)
         segments = [view[start:stop] for view in padded_views]
-        blocks = encoder.encode(segments, block_numbers)
+        if k == 1:
+            blocks = [segments[0]] * len(block_numbers)
+        else:
+            blocks = encoder.encode(segments, block_numbers)
         for payload_view, block in zip(payload_views, blocks):
             payload_view[start:stop] = block
         if hash_in_order:
@@ -422,8 +439,9 @@ def encode_parity(
             for hasher, view in zip(data_hashers, views):
                 if start < len(view):
                     hasher.update(view[start:stop])
-            for hasher, block in zip(payload_hashers, blocks):
-                hasher.update(block)
+            if k > 1:
+                for hasher, block in zip(payload_hashers, blocks):
+                    hasher.update(block)
 
     starts = range(0, chunk_nbytes, segment_nbytes)
     if num_threads == 1 or len(starts) <= 1:
@@ -436,8 +454,11 @@ def encode_parity(
             list(pool.map(lambda start: encode_segment(start, hash_in_order=False), starts))
         for hasher, view in zip(data_hashers, views):
             hasher.update(view)
-        for hasher, payload_view in zip(payload_hashers, payload_views):
-            hasher.update(payload_view)
+        if k > 1:
+            for hasher, payload_view in zip(payload_hashers, payload_views):
+                hasher.update(payload_view)
+    if k == 1:  # each payload is the data chunk itself: same bytes, same hash
+        payload_hashers = [data_hashers[0].copy() for _ in fragments]
 
     table = b"".join(
         _TABLE_ENTRY.pack(len(view), hasher.intdigest())

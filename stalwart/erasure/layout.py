@@ -36,7 +36,7 @@ moves the bytes.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -415,8 +415,10 @@ def compute_stripe_parity(
     version: int = 0,
     parity_indices: Sequence[int] | None = None,
     num_threads: int = 1,
+    allocate: Callable[[int], bytearray] | None = None,
 ) -> dict[str, bytearray]:
-    """Parity fragments of one stripe, keyed by :func:`parity_key`."""
+    """Parity fragments of one stripe, keyed by :func:`parity_key` (``allocate``: see
+    :func:`encode_parity`)."""
     stripe = layout.stripe(group_index, stripe_index)
     if parity_indices is None:
         parity_indices = list(range(stripe.parity))
@@ -437,6 +439,7 @@ def compute_stripe_parity(
         tag=stripe_tag(group_index, stripe_index, version),
         parity_indices=parity_indices,
         num_threads=num_threads,
+        allocate=allocate,
     )
     return {stripe.parity_key(j): fragment for j, fragment in zip(parity_indices, fragments)}
 
@@ -448,6 +451,7 @@ def compute_parity(
     *,
     version: int = 0,
     num_threads: int = 1,
+    allocate: Callable[[int], bytearray] | None = None,
 ) -> dict[str, bytearray]:
     """The parity fragments ``node_id`` holds (headers and checksums included).
 
@@ -466,6 +470,7 @@ def compute_parity(
                 version=version,
                 parity_indices=[assignment.parity_index],
                 num_threads=num_threads,
+                allocate=allocate,
             )
         )
     return result

@@ -153,6 +153,9 @@ class SnapshotManager:
         self.persister = ThreadPoolExecutor(1, thread_name_prefix="snapshot-persist")
         self.events: list[dict] = []
         self.encode_s = 0.0
+        # Parity buffers of released versions, by size, for the next version to reuse: a fresh
+        # gigabyte buffer every step costs more in page faults than the encode itself.
+        self.parity_pool: dict[int, list[bytearray]] = {}
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -305,6 +308,7 @@ class SnapshotManager:
                         shards,
                         version=version,
                         num_threads=self.num_threads,
+                        allocate=self._allocate_parity,
                     )
                 finally:
                     shards.close()
@@ -335,7 +339,7 @@ class SnapshotManager:
     def _commit(self, version: int) -> None:
         self.committed = version
         for old in [v for v in self.versions if v < version]:
-            del self.versions[old]
+            self._recycle(self.versions.pop(old))
         for key, held in self.slot_versions.items():
             if held is not None and held < version:
                 self.slot_versions[key] = None
@@ -355,6 +359,23 @@ class SnapshotManager:
                 del self.persist_copies[old]
             if self.position == 0:
                 self.persister.submit(self._persist, version, dict(state.rank_meta))
+
+    def _allocate_parity(self, nbytes: int) -> bytearray:
+        with self.cond:
+            pool = self.parity_pool.get(nbytes)
+            if pool:
+                return pool.pop()
+        return bytearray(nbytes)
+
+    def _recycle(self, state: VersionState) -> None:
+        """Keep a released version's parity buffers for reuse (at most two per size: the
+        committed version and the one being encoded are all that is ever live)."""
+        for fragment in state.parity.values():
+            if isinstance(fragment, bytearray):
+                pool = self.parity_pool.setdefault(len(fragment), [])
+                if len(pool) < 2:
+                    pool.append(fragment)
+        state.parity = {}
 
     def _in_flight(self, version: int) -> bool:
         state = self.versions.get(version)
@@ -394,6 +415,8 @@ class SnapshotManager:
     def reset(self) -> None:
         """Forget every version (the job restarts from the durable tier at an older step)."""
         with self.cond:
+            for state in self.versions.values():
+                self._recycle(state)
             self.versions.clear()
             self.committed = None
             for key in self.slot_versions:

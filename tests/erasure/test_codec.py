@@ -187,6 +187,27 @@ def test_segmented_and_threaded_parity_equal_single_pass(num_threads, segment_nb
     assert [bytes(f) for f in only_second] == [expected[1]]
 
 
+@pytest.mark.parametrize("k, num_threads", [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_parity_into_recycled_dirty_buffers_equals_fresh_fragments(k, num_threads):
+    rng = np.random.default_rng(70 + k)
+    chunks = _stripe_chunks(rng, k, 3000)
+    expected = [bytes(f) for f in encode_parity(chunks, 2)]
+    handed_out = []
+
+    def allocate(nbytes):  # stale bytes from an older version, as a recycled buffer has
+        buffer = bytearray(rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+        handed_out.append(buffer)
+        return buffer
+
+    actual = encode_parity(
+        chunks, 2, allocate=allocate, num_threads=num_threads, segment_nbytes=512
+    )
+    assert [bytes(f) for f in actual] == expected
+    assert all(a is b for a, b in zip(actual, handed_out))
+    with pytest.raises(ValueError, match="allocate returned 3 bytes"):
+        encode_parity(chunks, 1, allocate=lambda nbytes: bytearray(3))
+
+
 def test_stripe_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="data_chunks is empty"):
         encode_parity([], 1)
