@@ -122,6 +122,12 @@ class ParallelConfig(Section):
     strategy: Literal["none", "ddp", "fsdp"] = "ddp"
     world_size: int = Field(1, ge=1, le=4096)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    fixed_buckets: bool = Field(
+        True,
+        description="DDP keeps its constructor's gradient buckets (no rebuild after step 1), so a "
+        "restarted worker group reduces in the same order: bit-identical recovery at any world "
+        "size, for one autograd-graph traversal per step",
+    )
 
 
 class ClusterConfig(Section):

@@ -76,7 +76,10 @@ class Trainer:
 
             model = convert(model, config.quant)
         self.model = parallel.parallelize(
-            model.to(self.device), config.parallel.strategy, self.device
+            model.to(self.device),
+            config.parallel.strategy,
+            self.device,
+            fixed_buckets=config.parallel.fixed_buckets,
         )
         self.optimizer = build_optimizer(self.model, config.optim)
         self.schedule = WarmupCosine(

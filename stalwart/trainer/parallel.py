@@ -51,16 +51,31 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    """Wrap the model for the chosen strategy; with one process (or 'none') it is returned as is."""
+def parallelize(
+    model: nn.Module, strategy: str, device: torch.device, *, fixed_buckets: bool = True
+) -> nn.Module:
+    """Wrap the model for the chosen strategy; with one process (or 'none') it is returned as is.
+
+    `fixed_buckets` (config `parallel.fixed_buckets`): DDP normally puts every gradient into one
+    bucket for the first step and then rebuilds its buckets in the order gradients became ready.
+    A worker group restarted from a snapshot would reduce its first step in the one-bucket
+    layout while the original run used the rebuilt one; with three or more ranks the ring
+    all-reduce then adds the same numbers in a different order and the run drifts by rounding.
+    With fixed buckets the layout is the constructor's (reverse parameter order, first bucket
+    1 MiB, then 25 MiB) for every step of every incarnation, so recovery stays bit-identical at
+    any world size. DDP only skips the rebuild when it searches for unused parameters, so this
+    costs one traversal of the autograd graph per step (and DDP logs a one-time notice that no
+    unused parameter was found).
+    """
     if strategy == "none" or not dist.is_initialized() or dist.get_world_size() == 1:
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        # A fixed bucket order keeps gradient all-reduces, hence results, identical run to run.
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=fixed_buckets
+        )
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
