@@ -24,12 +24,15 @@ saturate at the element max. NaN or Inf in a block makes its E8M0 scale NaN (the
 reads NaN, as the spec says); under NV or tensor scaling it makes the whole tensor NaN.
 
 `quantize` returns a `QuantizedTensor` (elements, block scales, tensor scale, codes on demand)
-and is the reference; `quantize_dequantize` computes the same values fused. On CPU the fused
-path runs over cache-sized chunks with scratch buffers reused across chunks, so intermediates
-stay in cache and no tensor-sized temporaries are allocated: MX in a single pass (each chunk's
-amax, scales and rounding while it is in cache, rounding on x itself), NV in two (the tensor
-scale needs every block amax first). On CUDA the same math runs as whole-tensor ops. No Python
-loop ever runs per block.
+and is the reference; `quantize_dequantize` computes the same values fused. On CPU it uses the
+compiled kernels of cpu_kernels.py when a C compiler is available (1-D MX with nearest
+rounding, NV, tensor and no scaling): one pass over memory, two for NV, bit-identical to the
+eager path. The eager path (no compiler, 2-D tiles, MX with stochastic rounding) runs over
+cache-sized chunks with scratch buffers reused across chunks, so intermediates stay in cache
+and no tensor-sized temporaries are allocated: MX in a single pass (each chunk's amax, scales
+and rounding while it is in cache, rounding on x itself), NV in two (the tensor scale needs
+every block amax first). On CUDA the same math runs as whole-tensor ops. No Python loop ever
+runs per block.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stalwart.quant import rounding
+from stalwart.quant import cpu_kernels, rounding
 from stalwart.quant.formats import (
     E8M0,
     E8M0Format,
@@ -413,6 +416,11 @@ def _quantize_chunk_(
 # Below this block amax, 1.5 * 2^23 * ulp (the magic constant) stays finite in fp32 on x's
 # own scale; above it (absurd for training data) the chunk takes the divide/multiply route.
 _X_DOMAIN_MAX_AMAX = 2.0**96
+# An fp32 subnormal x has no exponent field to read its ulp from; that is harmless while the
+# scaled grid's smallest normal X * min_normal is an fp32 normal (x is then below it, where the
+# floor X * min_subnormal is the right spacing). Blocks with smaller scales take the
+# divide/multiply route too.
+_X_DOMAIN_MIN_SCALED_NORMAL = 2.0**-126
 
 
 def _uses_single_pass_mx(rows: torch.Tensor, spec: QuantSpec) -> bool:
@@ -488,7 +496,10 @@ def _fused_mx_cpu(rows: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> tor
         )
         amax = torch.abs(values, out=work).amax(dim=1, keepdim=True)
         scale = _chunk_e8m0_scales(amax, element, spec.scale_rounding)
-        if bool(amax.max() < _X_DOMAIN_MAX_AMAX):
+        if bool(amax.max() < _X_DOMAIN_MAX_AMAX) and (
+            element.kind == "int"
+            or bool(scale.min() * element.min_normal >= _X_DOMAIN_MIN_SCALED_NORMAL)
+        ):
             _round_mx_chunk_(target, values, work, scale, element, saturates)
         else:
             _quantize_chunk_(target, values, work, scale, scale, True, element, spec, None)
@@ -581,6 +592,67 @@ def _fused_rows(
             scratch_for_stochastic[: stop - start] if bits is not None else None,
         )
     return out
+
+
+def _kernels_for(rows: torch.Tensor, spec: QuantSpec) -> cpu_kernels.CpuKernels | None:
+    """The fused CPU kernels when they cover this spec (1-D blocks, tensor or no scaling of a
+    float/int grid; MX with nearest rounding) and are available; else None (eager path)."""
+    if rows.device.type != "cpu" or spec.block_2d:
+        return None
+    if spec.element_format.kind not in ("float", "int"):
+        return None
+    if spec.scaling == "mx" and spec.rounding != "nearest":
+        return None
+    return cpu_kernels.load()
+
+
+def _fused_with_kernels(
+    kernels: cpu_kernels.CpuKernels,
+    rows: torch.Tensor,
+    spec: QuantSpec,
+    generator: torch.Generator | None,
+    random_bits: torch.Tensor | None,
+    apply_tensor_scale: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Quantize-dequantize `rows` into `out` with the compiled kernels (the same values as the
+    eager path); returns the tensor scale."""
+    element = spec.element_format
+    one = torch.ones((), dtype=torch.float32)
+    if spec.scaling == "mx":
+        kernels.mx_nearest(rows, out, spec)
+        return one
+    random_bits_kept = None
+    if spec.rounding != "stochastic":
+        random, _ = cpu_kernels.random_struct(0)
+    elif random_bits is not None:
+        if random_bits.shape != rows.shape:
+            raise ValueError(
+                f"random_bits must have the padded row shape {tuple(rows.shape)}, got "
+                f"{tuple(random_bits.shape)}"
+            )
+        random, random_bits_kept = cpu_kernels.random_struct(
+            spec.num_random_bits, random_bits=random_bits
+        )
+    else:
+        key = rounding.draw_random_key(generator)
+        random, _ = cpu_kernels.random_struct(spec.num_random_bits, key=key)
+    if spec.scaling == "nv":
+        amax = kernels.block_amax(rows.view(-1, spec.block_size))
+        tensor_scale = _nv_tensor_scale(amax, spec)
+        kernels.nv(rows, out, amax, float(tensor_scale), spec, apply_tensor_scale, random)
+    elif spec.scaling == "tensor":
+        amax = kernels.block_amax(rows).max()
+        tensor_scale = torch.where(amax == 0, one, amax / element.max_value)
+        tensor_scale = torch.where(torch.isfinite(amax), tensor_scale, math.nan)
+        scale = float(tensor_scale)
+        # amax / scale <= max * (1 + 2^-24), which rounds to max: nothing saturates
+        kernels.scaled(rows, out, scale, scale if apply_tensor_scale else None, False, element, random)  # fmt: skip
+    else:
+        tensor_scale = one
+        kernels.scaled(rows, out, None, None, True, element, random)
+    del random_bits_kept  # the explicit bits had to outlive the calls above
+    return tensor_scale
 
 
 def _random_bits_for(
@@ -744,7 +816,8 @@ def _quantize_dequantize(
     if spec.is_identity:
         return (x.float().clone() if out is None else out.copy_(x)), one
     layout = _to_rows(x, dim, spec)
-    bits = _random_bits_for(layout.rows, spec, generator, random_bits)
+    kernels = _kernels_for(layout.rows, spec)
+    bits = None if kernels else _random_bits_for(layout.rows, spec, generator, random_bits)
     # write straight into `out` when the row layout is a plain view of it
     direct = (
         out is not None
@@ -755,7 +828,11 @@ def _quantize_dequantize(
     )
     rows = layout.rows
     result = out.view(rows.shape) if direct else torch.empty_like(rows)
-    if _uses_single_pass_mx(rows, spec):  # CPU fast paths compute their scales per chunk
+    if kernels is not None:
+        tensor_scale = _fused_with_kernels(
+            kernels, rows, spec, generator, random_bits, apply_tensor_scale, result
+        )
+    elif _uses_single_pass_mx(rows, spec):  # CPU fast paths compute their scales per chunk
         _fused_mx_cpu(rows, spec, result)
         tensor_scale = one
     elif _uses_chunked_nv(rows, spec):

@@ -17,8 +17,12 @@ is off by at most 2^-(n+1) ulp otherwise (plain truncation of the random bits wo
 downwards by up to 2^-n ulp). The fraction plus the dither is exact in fp32, so no fp32
 rounding enters the decision. The result is always one of the two neighbouring grid values.
 
-Random bits come from an explicit, seedable torch.Generator (`draw_random_bits`), so a run
-that re-seeds the same way draws the same bits (see recipes.py for how seeds are derived).
+Random bits come from a counter-based generator: one 64-bit key is drawn from an explicit,
+seedable torch.Generator, and element i takes byte i % 8 of splitmix64(key, i // 8)
+(`hashed_random_bits`; 16-bit halves for more than 8 bits). A run that re-seeds the same way
+draws the same bits, on any device, and the fused CPU kernels (cpu_kernels.py) compute the
+very same bits in registers instead of reading a tensor of them (see recipes.py for how seeds
+are derived).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ __all__ = [
     "add_sub_magic_",
     "stochastic_round_to_ulp_",
     "draw_random_bits",
+    "draw_random_key",
+    "hashed_random_bits",
     "make_generator",
     "mix_seed",
 ]
@@ -40,6 +46,11 @@ __all__ = [
 ROUNDING_MODES = ("nearest", "stochastic")
 MAX_RANDOM_BITS = 16
 MAGIC = 1.5 * 2.0**23
+# splitmix64 (Steele, Lea and Flood, 2014): the golden-ratio increment and the two multipliers
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+_UINT64_MASK = (1 << 64) - 1
 
 
 def round_half_even_to_ulp_(values: torch.Tensor, ulp: torch.Tensor | float) -> torch.Tensor:
@@ -86,31 +97,69 @@ def stochastic_round_to_ulp_(
     return round_up.add_(lower).mul_(ulp)
 
 
+def draw_random_key(generator: torch.Generator | None, device: torch.device | str = "cpu") -> int:
+    """One 64-bit key from `generator` (the global generator when None): the seed of a call's
+    counter-based random stream (see hashed_random_bits)."""
+    key = torch.empty(1, dtype=torch.int64, device=device)
+    key.random_(-(2**63), 2**63 - 1, generator=generator)
+    return int(key.item()) & _UINT64_MASK
+
+
+def hashed_random_bits(
+    shape: torch.Size | tuple[int, ...],
+    num_random_bits: int,
+    key: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Integers uniform in [0, 2^num_random_bits), one per element, from a counter-based
+    generator: hash h_c = splitmix64(key + (c + 1) * golden gamma) of counter c; element i takes
+    byte i % 8 of h_(i // 8) (up to 8 bits: its top num_random_bits bits) or 16-bit half i % 4
+    of h_(i // 4) (9 to 16 bits). The fused CPU kernels compute the same bits in registers.
+    uint8 when they fit, else int32."""
+    _check_num_random_bits(num_random_bits)
+    shape = tuple(shape)
+    num_elements = math.prod(shape)
+    lanes = 8 if num_random_bits <= 8 else 4
+    counters = torch.arange(1, (num_elements + lanes - 1) // lanes + 1, device=device)
+    # int64 arithmetic wraps modulo 2^64 like the uint64 original; shifts are made logical
+    z = counters.mul_(_signed(_GOLDEN_GAMMA)).add_(_signed(key))
+    for shift, multiplier in ((30, _MIX_1), (27, _MIX_2), (31, None)):
+        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
+        if multiplier is not None:
+            z = z.mul_(_signed(multiplier))
+    if lanes == 8:  # little-endian bytes of each hash, as the kernels' shifts read them
+        random_bytes = z.view(torch.uint8)[:num_elements].view(shape)
+        return random_bytes >> (8 - num_random_bits) if num_random_bits < 8 else random_bytes
+    halves = z.view(torch.int16)[:num_elements].view(shape).to(torch.int32) & 0xFFFF
+    return halves >> (16 - num_random_bits)
+
+
 def draw_random_bits(
     shape: torch.Size | tuple[int, ...],
     num_random_bits: int,
     generator: torch.Generator | None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Integers uniform in [0, 2^num_random_bits), one per element (uint8 when they fit)."""
+    """Integers uniform in [0, 2^num_random_bits), one per element (uint8 when they fit):
+    `hashed_random_bits` keyed by one draw from `generator`."""
+    _check_num_random_bits(num_random_bits)
+    return hashed_random_bits(
+        shape, num_random_bits, draw_random_key(generator, device), device=device
+    )
+
+
+def _check_num_random_bits(num_random_bits: int) -> None:
     if not 1 <= num_random_bits <= MAX_RANDOM_BITS:
         raise ValueError(
             f"num_random_bits must be in 1..{MAX_RANDOM_BITS} (8 is the hardware width), "
             f"got {num_random_bits}"
         )
-    shape = tuple(shape)
-    if num_random_bits > 8:
-        return torch.randint(
-            0, 1 << num_random_bits, shape, generator=generator, device=device, dtype=torch.int32
-        )
-    # Eight random bytes per full-range int64 draw: several times faster than randint(uint8).
-    num_elements = math.prod(shape)
-    words = torch.empty((num_elements + 7) // 8, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)
-    random_bytes = words.view(torch.uint8)[:num_elements].view(shape)
-    if num_random_bits < 8:
-        random_bytes = random_bytes >> (8 - num_random_bits)
-    return random_bytes
+
+
+def _signed(value: int) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    value &= _UINT64_MASK
+    return value - (1 << 64) if value >> 63 else value
 
 
 def mix_seed(*values: int) -> int:
