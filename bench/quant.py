@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from stalwart.quant import cpu_kernels
 from stalwart.quant.mx import QuantSpec, mx_spec, nv_spec, quantize_dequantize
 from stalwart.quant.transforms import HadamardTransform
 
@@ -206,10 +207,15 @@ def run_training(
                 elapsed_s = time.perf_counter() - started
                 curves[label].append(losses)
                 per_seed[label].append(
-                    {"eval_loss": trainer.evaluate()["eval_loss"], "step_time_s": elapsed_s / steps}
+                    {
+                        "eval_loss": trainer.evaluate()["eval_loss"],
+                        "eval_loss_high_precision": evaluate_in_high_precision(trainer),
+                        "step_time_s": elapsed_s / steps,
+                    }
                 )
                 print(
-                    f"  seed {seed} {label}: eval loss {per_seed[label][-1]['eval_loss']:.4f} "
+                    f"  seed {seed} {label}: eval loss {per_seed[label][-1]['eval_loss']:.4f}, "
+                    f"high-precision eval {per_seed[label][-1]['eval_loss_high_precision']:.4f} "
                     f"({elapsed_s:.0f} s)",
                     flush=True,
                 )
@@ -221,6 +227,10 @@ def run_training(
         gaps = [
             loss / base_row["eval_loss"] - 1 for loss, base_row in zip(losses, per_seed["bf16"])
         ]
+        gaps_high_precision = [
+            row["eval_loss_high_precision"] / base_row["eval_loss"] - 1
+            for row, base_row in zip(rows, per_seed["bf16"])
+        ]
         results[label] = {
             "eval_loss": statistics.fmean(losses),
             "eval_loss_per_seed": losses,
@@ -229,6 +239,8 @@ def run_training(
             "gap_stderr": statistics.stdev(gaps) / len(gaps) ** 0.5
             if len(gaps) > 1
             else float("nan"),
+            "gap_high_precision_eval": statistics.fmean(gaps_high_precision),
+            "gap_high_precision_eval_per_seed": gaps_high_precision,
             "step_time_s": statistics.fmean(row["step_time_s"] for row in rows),
         }
     spread = statistics.stdev(results["bf16"]["eval_loss_per_seed"]) if seeds > 1 else float("nan")
@@ -236,7 +248,15 @@ def run_training(
         f"Training: GPT depth {depth}, {steps} steps, batch 16 x 64 bytes of Python source, "
         f"lr {lr}, trainer.precision={precision}, {seeds} paired seeds; held-out loss over {eval_batches} "
         f"batches (bf16 seed-to-seed std: {spread:.4f})",
-        ["recipe", "eval loss (mean)", "gap vs bf16 %", "+- stderr %", "per-seed gaps %", "s/step"],
+        [
+            "recipe",
+            "eval loss (mean)",
+            "gap vs bf16 %",
+            "+- stderr %",
+            "per-seed gaps %",
+            "gap, FP32 eval %",
+            "s/step",
+        ],
         [
             [
                 label,
@@ -244,6 +264,7 @@ def run_training(
                 100 * r["gap_vs_bf16"],
                 100 * r["gap_stderr"],
                 " ".join(f"{100 * g:+.2f}" for g in r["gap_per_seed"]),
+                100 * r["gap_high_precision_eval"],
                 r["step_time_s"],
             ]
             for label, r in results.items()
@@ -264,12 +285,36 @@ def run_training(
         closer = abs(results[recipe]["gap_vs_bf16"]) < abs(results[ablation]["gap_vs_bf16"])
         checks[f"{recipe} (RHT+SR) closer to bf16 than {ablation}"] = closer
     for check, holds in checks.items():
-        print(f"  target {check}: {'met' if holds else 'NOT MET'} (mean over seeds)")
+        verdict = "met" if holds else "NOT MET"
+        recipe = check.split(" ")[0]
+        if not holds and "within" in check:
+            row = results[recipe]
+            # is the bound inside the noise? (two standard errors of the paired mean)
+            if abs(row["gap_vs_bf16"]) - 2 * row["gap_stderr"] <= 0.005:
+                verdict += " on the mean, but 0.5% is within two standard errors"
+        print(f"  target {check}: {verdict} (mean over seeds)")
     mean_curves = {
         label: [statistics.fmean(values) for values in zip(*runs_of_label)]
         for label, runs_of_label in curves.items()
     }
     return {"table": results, "curves": mean_curves, "targets": checks, "bf16_seed_std": spread}
+
+
+def evaluate_in_high_precision(trainer) -> float:
+    """Held-out loss of the trained weights with every quantized linear computing in FP32 (an
+    identity recipe gives nn.Linear's exact results): separates what quantization did to
+    training from the rounding noise it adds to the evaluation forward pass itself."""
+    from stalwart.quant.linear import LinearQuant, QuantLinear
+
+    layers = [m for m in trainer.model.modules() if isinstance(m, QuantLinear)]
+    recipes = [layer.recipe for layer in layers]
+    try:
+        for layer in layers:
+            layer.recipe = LinearQuant()
+        return trainer.evaluate()["eval_loss"]
+    finally:
+        for layer, recipe in zip(layers, recipes):
+            layer.recipe = recipe
 
 
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
@@ -315,19 +360,38 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
 
 
 def measure_throughput(device: str, num_elements: int, repeats: int) -> dict:
+    """Each format through the default path (on CPU: the compiled kernels when they build) and,
+    on CPU, through the eager torch path as well, interleaved with a plain copy."""
     x = torch.randn(num_elements // 1024, 1024, device=device)
     destination = torch.empty_like(x)
+    kernels = cpu_kernels.load() if device == "cpu" else None
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
+    def quantize_op(spec, generator, use_kernels: bool | None):
+        def operation():
+            cpu_kernels.set_enabled(use_kernels)
+            try:
+                quantize_dequantize(x, spec, generator=generator, out=destination)
+            finally:
+                cpu_kernels.set_enabled(None)
+
+        return operation
+
     operations = {"copy": lambda: destination.copy_(x)}
+    paths = {"copy": "copy"}
     for name, spec in THROUGHPUT_FORMATS.items():
         generator = torch.Generator(device=device).manual_seed(0)
-        operations[name] = lambda spec=spec, g=generator: quantize_dequantize(
-            x, spec, generator=g, out=destination
-        )
+        if kernels is not None:
+            operations[name] = quantize_op(spec, generator, True)
+            paths[name] = "kernels"
+            operations[f"{name} (eager)"] = quantize_op(spec, generator, False)
+            paths[f"{name} (eager)"] = "eager"
+        else:
+            operations[name] = quantize_op(spec, generator, None)
+            paths[name] = "eager"
     times: dict[str, list[float]] = {name: [] for name in operations}
     for operation in operations.values():  # warm-up
         operation()
@@ -346,22 +410,35 @@ def measure_throughput(device: str, num_elements: int, repeats: int) -> dict:
         name: {
             "gb_per_s": input_bytes / best[name] / 1e9,
             "fraction_of_copy": best["copy"] / best[name],
+            "path": paths[name],
         }
         for name in operations
     }
     threads = torch.get_num_threads() if device == "cpu" else None
+    kernel_note = ""
+    if device == "cpu":
+        kernel_note = (
+            f", fused kernels {kernels.path.name}" if kernels else ", no fused kernels (eager)"
+        )
     print_table(
         f"Quantize+dequantize throughput on {device} ({input_bytes / 2**20:.0f} MiB fp32 input, "
         f"into a preallocated output, best of {repeats} interleaved runs"
-        + (f", {threads} threads)" if threads else ")"),
-        ["operation", "spec", "GB/s", "fraction of copy"],
+        + (f", {threads} threads" if threads else "")
+        + kernel_note
+        + ")",
+        ["operation", "spec", "path", "GB/s", "fraction of copy"],
         [
-            [name, THROUGHPUT_FORMATS[name].describe() if name != "copy" else "dst.copy_(src)",
-             r["gb_per_s"], r["fraction_of_copy"]]
+            [name, THROUGHPUT_FORMATS[name.split(" ")[0]].describe() if name != "copy" else "dst.copy_(src)",
+             r["path"], r["gb_per_s"], r["fraction_of_copy"]]
             for name, r in results.items()
         ],
     )  # fmt: skip
-    return {"table": results, "threads": threads, "input_bytes": input_bytes}
+    return {
+        "table": results,
+        "threads": threads,
+        "input_bytes": input_bytes,
+        "kernels": str(kernels.path) if kernels else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, help="loss curves (default: next to --json)")
     parser.add_argument("--parts", default="qsnr,training,throughput")
     parser.add_argument("--steps", type=int, default=300, help="training steps per recipe")
-    parser.add_argument("--seeds", type=int, default=3, help="paired seeds per recipe")
+    parser.add_argument("--seeds", type=int, default=5, help="paired seeds per recipe")
     parser.add_argument(
         "--lr", type=float, default=1e-3, help="peak learning rate (3e-3 makes runs chaotic here)"
     )
@@ -387,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--qsnr-shape", type=int, nargs=2, default=[1024, 4096])
     parser.add_argument("--throughput-mib", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved throughput runs")
     parser.add_argument(
         "--threads",
         type=int,
@@ -434,10 +511,15 @@ def main(argv: list[str] | None = None) -> int:
             output["throughput"]["cuda"] = measure_throughput(
                 "cuda", num_elements * 16, args.repeats
             )
+        cpu_table = output["throughput"]["cpu"]["table"]
+        # the path users get (the kernels where they build), and the eager torch path
         output["throughput_fraction_of_copy"] = {
-            name: row["fraction_of_copy"]
-            for name, row in output["throughput"]["cpu"]["table"].items()
-            if name != "copy"
+            name: cpu_table[name]["fraction_of_copy"] for name in THROUGHPUT_FORMATS
+        }
+        output["throughput_fraction_of_copy_eager"] = {
+            name.split(" ")[0]: row["fraction_of_copy"]
+            for name, row in cpu_table.items()
+            if row["path"] == "eager"
         }
         if "cuda" in output["throughput"]:
             output["throughput_fraction_of_copy_cuda"] = {
