@@ -1,32 +1,38 @@
 """`stalwart rl run.yaml`: rollout actors and a learner on Ray, with bounded staleness.
 
 Roles
-- `LearnerActor` wraps `trainer.rl.learner.RLLearner`. Each step returns three objects: the
-  metrics, the new weights (one flat buffer + JSON layout, put once in Ray's object store) and,
-  every ``snapshot.every_steps`` steps, the learner's full state, which the driver keeps (a
-  numpy view of the object-store buffer) outside the learner process.
-- `RolloutActor` wraps `trainer.rl.rollout.RolloutWorker`. It is handed the *reference* of the
-  newest weights with their version and fetches them (zero-copy) only when the version changed:
-  one put, many gets. Weights change between generation chunks of ``rl.rollout_chunk_prompts``
-  prompts, never inside a sequence, so every group has exactly one generating version.
-- The driver runs the loop below and owns all decisions (`trainer.rl.pipeline`): what to
-  generate when (the staleness gate), the order in which groups are consumed (dispatch order),
-  which prompts are retired, and recovery.
+- `LearnerActor` wraps `trainer.rl.learner.RLLearner` and a `snapshot.agent.SnapshotAgent`
+  hooked into it: after every ``snapshot.every_steps`` steps the learner's whole state is copied
+  into a `SnapshotManager` actor on the learner's node, off the hot path, exactly as a training
+  rank snapshots. Each step returns the metrics and the new weights (one flat buffer + JSON
+  layout, put once in Ray's object store).
+- `RolloutActor` wraps `trainer.rl.rollout.RolloutWorker`. Every generation call carries the
+  reference of the newest weights at dispatch time; the driver also *offers* each new version to
+  actors with queued work (a separate concurrency group, so the offer lands while the actor
+  generates). A call starts with the newest version it holds (in-flight weight updates at chunk
+  boundaries) and fetches it zero-copy only when the version changed: one put, many gets. Weights
+  never change inside a generation call, so every group has exactly one generating version.
+- The driver (`PipelineDriver`) owns every decision (`trainer.rl.pipeline`): what to generate
+  when (the staleness gate), the order in which groups are consumed (dispatch order), which
+  prompts are retired, and recovery.
 
-Loop: dispatch chunks to idle rollout actors while the gate allows; start a learner step when
-the next ``rl.prompts_per_step`` groups in dispatch order are complete; wait for whichever
-finishes first. With ``rl.max_staleness: 0`` this is synchronous on-policy RL; with k > 0 it is
-PipelineRL-k: generation continues while the learner steps, and the learner waits when it
-would get more than k versions ahead of the data.
+Loop (PipelineRL-k): every rollout actor keeps up to ``rollout_queue_depth`` generation calls
+queued, so it never waits for a driver round trip, as long as the staleness gate allows; the
+learner gets the next batch (in dispatch order) as soon as it is complete, up to
+``learner_queue_depth`` steps queued; the driver waits for whichever result comes first. With
+``rl.max_staleness: 0`` the gate makes this synchronous on-policy RL (nothing is generated while
+the learner steps, and the learner waits for the whole batch); with k > 0 generation continues
+while the learner steps, and only stops when it would run more than k versions ahead.
 
 Fault tolerance
-- A rollout actor that dies is replaced; its in-flight prompts are re-queued at the front of
-  the prompt pool and generated again with the newest weights.
-- A learner that dies is rebuilt from the driver's last state copy, the steps since that copy
-  are replayed on the very batches they used (the driver keeps them), and the failed step runs
-  again. Learner steps are deterministic, so the recovered run continues bit for bit. In a
-  multi-rank job the same state buffer is what the snapshot manager holds per rank; the driver
-  copy stands in for it on one learner rank.
+- A rollout actor that dies is replaced; its in-flight chunks are generated again, in their place
+  in the dispatch order, with the newest weights.
+- A learner that dies (the step fails with a RayActorError) is replaced on the same node. The
+  replacement restores the newest committed version from the manager's memory
+  (`snapshot.restore.load_from_manager`), the batches that the dead learner had been handed
+  since that version (kept by the driver until a newer snapshot is published) are handed to it
+  again, and the rollout actors receive its weights with their versions as its steps complete.
+  Learner steps are deterministic, so the recovered run continues bit for bit.
 
 Evaluation runs after the loop: the weights of every ``rl.eval_every``-th version are kept (by
 reference) and scored on held-out problems, so evaluation never steals time from the measured
@@ -38,13 +44,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import threading
 import time
+import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import xxhash
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from stalwart.config import RunConfig, config_from_dict, load_config, save_config
 from stalwart.trainer.rl.analysis import (
@@ -58,68 +70,603 @@ from stalwart.trainer.rl.packing import Packed
 from stalwart.trainer.rl.pipeline import PromptPool, StalenessGate
 from stalwart.trainer.rl.rollout import RolloutWorker, test_problems, train_problems
 
+# One call generating and one queued: the actor starts the next chunk the moment it finishes one,
+# instead of idling for the driver's round trip (which costs as much as a chunk on a busy host).
+ROLLOUT_QUEUE_DEPTH = 2
+# The next learner step is queued behind the running one when its batch is complete (k >= 1 only:
+# with k = 0 its data cannot exist before the running step publishes its weights).
+LEARNER_QUEUE_DEPTH = 2
+# How long a recovery waits for the manager to commit a version the dead learner had published.
+COMMIT_WAIT_S = 10.0
+LEARNER_RANK = 0
+
 # ---------------------------------------------------------------------------------------------
 # Actors
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class LearnerActor:
-    def __init__(self, config_tree: dict, state: tuple | None = None):
-        config = config_from_dict(config_tree)
-        packed = Packed.from_tuple(state) if state is not None else None
-        self.learner = RLLearner(config, packed)
-        self.snapshot_every = config.snapshot.every_steps
+    def __init__(self, config_tree: dict):
+        self.config = config_from_dict(config_tree)
+        self.learner = RLLearner(self.config)
+        self.agent = None
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> dict:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def connect(self, manager, restore_version: int | None) -> dict:
+        """Restore `restore_version` from the manager's memory (if given) and start snapshotting."""
+        from stalwart.snapshot.agent import SnapshotAgent
+        from stalwart.snapshot.restore import load_from_manager
+
+        restore_s = 0.0
+        if restore_version is not None:
+            started = time.perf_counter()
+            load_from_manager(self.learner, manager, LEARNER_RANK, restore_version)
+            restore_s = time.perf_counter() - started
+        self.agent = SnapshotAgent(
+            self.learner,
+            manager,
+            rank=LEARNER_RANK,
+            every_steps=self.config.snapshot.every_steps,
+        )
+        return {"version": self.learner.version, "restore_s": restore_s}
 
     def warmup(self, num_steps: int) -> dict:
         return self.learner.warmup(num_steps)
 
+    def snapshot(self) -> int:
+        """Snapshot the current version now and wait until the manager has it."""
+        self.agent.snapshot(self.learner.version)
+        self.agent.flush()
+        return self.learner.version
+
     def weights(self) -> tuple:
         return self.learner.weights().as_tuple()
 
-    def state(self) -> tuple:
-        return self.learner.state().as_tuple()
-
-    @ray.method(num_returns=3)
-    def step(self, groups: list[dict]) -> tuple[dict, tuple, tuple | None]:
+    @ray.method(num_returns=2)
+    def step(self, groups: list[dict]) -> tuple[dict, tuple]:
         metrics = self.learner.step(groups)
-        version = self.learner.version
-        state = self.learner.state().as_tuple() if version % self.snapshot_every == 0 else None
-        return metrics, self.learner.weights().as_tuple(), state
+        if self.agent is not None:
+            last = self.agent.last_version
+            metrics["snapshot_published_version"] = -1 if last is None else last
+            metrics["snapshot_blocking_s"] = self.agent.last_blocking_s
+        started = time.perf_counter()
+        weights = self.learner.weights().as_tuple()
+        metrics["weights_pack_s"] = time.perf_counter() - started
+        return metrics, weights
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"offers": 1})
 class RolloutActor:
     def __init__(self, config_tree: dict, index: int):
         self.worker = RolloutWorker(config_from_dict(config_tree), index)
+        self._lock = threading.Lock()
+        self._offered: tuple[int, list | None] = (-1, None)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _sync(self, weights: list, version: int) -> None:
-        if version != self.worker.version:
-            self.worker.load_weights(Packed.from_tuple(ray.get(weights[0])))
+    @ray.method(concurrency_group="offers")
+    def offer_weights(self, weights: list, version: int) -> None:
+        """A newer version for the calls still queued here; loaded when the next one starts."""
+        with self._lock:
+            if version > self._offered[0]:
+                self._offered = (version, weights)
 
-    def rollout(self, weights: list, version: int, tasks: list[dict], seed: int) -> list[dict]:
+    def _load(self, weights: list, version: int) -> float:
         # `weights` is [ObjectRef] (a list, so Ray does not resolve it): fetched only when new.
-        self._sync(weights, version)
-        return self.worker.rollout(tasks, seed)
+        if version == self.worker.version:
+            return 0.0
+        started = time.perf_counter()
+        self.worker.load_weights(Packed.from_tuple(ray.get(weights[0])))
+        return time.perf_counter() - started
+
+    def rollout(self, weights: list, version: int, tasks: list[dict], seed: int) -> dict:
+        """Generate with the newest weights held: the dispatch's version or a newer offer."""
+        with self._lock:
+            offered_version, offered = self._offered
+        if offered_version > version:
+            weights, version = offered, offered_version
+        load_s = self._load(weights, version) if version > self.worker.version else 0.0
+        groups = self.worker.rollout(tasks, seed)
+        return {"groups": groups, "load_weights_s": load_s, **self.worker.last_timing}
 
     def evaluate(
         self, weights: list, version: int, problems: list[dict], num_samples: int, seed: int
     ):
-        self._sync(weights, version)
+        self._load(weights, version)
         return self.worker.evaluate(problems, num_samples, seed)
+
+
+@ray.remote(num_cpus=0)
+def _sigkill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def _config_tree(config: RunConfig) -> dict:
-    return config.to_dict()
+def _pin(node_id: str) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+
+class PipelineDriver:
+    """One RL run: actors, the dispatch loop, learner recovery, the run record."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        time_budget_s: float | None,
+        kill_learner_at_steps: tuple[int, ...],
+        kill_rollout_at_steps: tuple[int, ...],
+        rollout_queue_depth: int,
+        learner_queue_depth: int,
+        log,
+    ):
+        if rollout_queue_depth < 1 or learner_queue_depth < 1:
+            raise ValueError(
+                f"rollout_queue_depth ({rollout_queue_depth}) and learner_queue_depth "
+                f"({learner_queue_depth}) must be >= 1"
+            )
+        self.config = config
+        self.rl = config.rl
+        self.tree = config.to_dict()
+        self.time_budget_s = time_budget_s
+        self.kill_learner_at = set(kill_learner_at_steps) | {
+            e.step for e in config.faults.events if e.kind == "kill_worker"
+        }
+        self.kill_rollout_at = set(kill_rollout_at_steps)
+        self.rollout_queue_depth = rollout_queue_depth
+        self.learner_queue_depth = learner_queue_depth
+        self.log = log
+        self.num_steps = config.trainer.max_steps
+        self.groups_per_step = self.rl.prompts_per_step
+        self.gate = StalenessGate(self.rl.max_staleness, self.groups_per_step, self.num_steps)
+        self.pool = PromptPool(
+            train_problems(config),
+            seed=config.trainer.seed,
+            retire_pass_rate=self.rl.positive_pass_rate if self.rl.no_positive_resampling else None,
+            min_samples_to_retire=self.rl.num_samples,
+        )
+        self.record: dict[str, Any] = {
+            "steps": [],
+            "staleness": [],
+            "consumed_problem_ids": [],
+            "recoveries": [],
+            "evals": [],
+        }
+        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
+        self.manager = None
+        self.learner = None
+        self.learner_where: dict = {}
+        self.actors: list = []
+        # Profile of where the time goes (seconds, summed over calls).
+        self.profile = {
+            "rollout_busy_s": 0.0,
+            "rollout_generate_s": 0.0,
+            "rollout_reward_s": 0.0,
+            "rollout_load_weights_s": 0.0,
+            "rollout_calls": 0,
+            "learner_step_s": 0.0,
+            "learner_snapshot_blocking_s": 0.0,
+            "learner_weights_pack_s": 0.0,
+            "driver_wait_s": 0.0,
+            "gate_closed_s": 0.0,
+            "learner_starved_s": 0.0,
+        }
+
+    # -- setup and teardown ------------------------------------------------------------------
+
+    def _start_learner(self, node_id: str | None = None):
+        options = {"scheduling_strategy": _pin(node_id)} if node_id else {}
+        learner = LearnerActor.options(**options).remote(self.tree)
+        self.learner_where = ray.get(learner.where.remote())
+        return learner
+
+    def _start_manager(self, node_id: str):
+        from stalwart.snapshot.manager import RemoteSnapshotManager
+
+        snapshot = self.config.snapshot
+        return RemoteSnapshotManager.options(scheduling_strategy=_pin(node_id)).remote(
+            job_id=self.job_id,
+            position=0,
+            positions=[0],
+            ranks=[LEARNER_RANK],
+            group_size=snapshot.erasure.group_size,
+            parity=snapshot.erasure.parity,
+            run_dir=str(self.config.resolved_run_dir()),
+            persist_every=snapshot.persist_every,
+            keep=snapshot.keep,
+            num_threads=snapshot.manager_num_threads,
+            wait_timeout_s=self.config.cluster.hang_timeout_s,
+        )
+
+    def _committed_version(self, at_least: int) -> int | None:
+        """The manager's newest committed version, waiting briefly for `at_least` to commit."""
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while True:
+            committed = ray.get(self.manager.status.remote())["committed"]
+            if (committed is not None and committed >= at_least) or time.monotonic() > deadline:
+                return committed
+            time.sleep(0.02)
+
+    def setup(self) -> None:
+        self.learner = self._start_learner()
+        if self.config.snapshot.enabled:
+            self.manager = self._start_manager(self.learner_where["node_id"])
+        if self.rl.warmup_sft_steps:
+            self.record["warmup"] = ray.get(self.learner.warmup.remote(self.rl.warmup_sft_steps))
+            self.log(f"supervised warm-up: {self.record['warmup']}")
+        if self.manager is not None:
+            ray.get(self.learner.connect.remote(self.manager, None))
+            ray.get(self.learner.snapshot.remote())
+            if self._committed_version(at_least=0) is None:
+                raise RuntimeError("the snapshot manager did not commit the learner's version 0")
+        self.weights_ref = self.learner.weights.remote()
+        self.published_version = 0
+        self.checkpoints: dict[int, Any] = {0: self.weights_ref}
+        self.actors = [
+            RolloutActor.remote(self.tree, i) for i in range(self.rl.num_rollout_workers)
+        ]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.learner is not None:
+            ray.kill(self.learner, no_restart=True)
+        if self.manager is not None:
+            try:
+                ray.get(self.manager.shutdown.remote(), timeout=10)
+            except Exception:  # already gone: its regions are removed below
+                pass
+            ray.kill(self.manager, no_restart=True)
+            from stalwart.snapshot.shm import remove_regions
+
+            remove_regions(f"stalwart-{self.job_id}-")
+        self.actors, self.learner, self.manager = [], None, None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.inflight: dict[Any, tuple] = {}  # ref -> (actor index, handle, sequence, tasks, seed)
+        self.outstanding = [0] * len(self.actors)  # generation calls queued per actor
+        self.slots: dict[int, list[dict] | None] = {}  # dispatch sequence -> groups (None: running)
+        self.next_sequence = 0
+        self.pending_groups = 0  # dispatched and not yet handed to the learner
+        self.next_step = 0  # next learner step to hand a batch to
+        self.learner_queue: deque = deque()  # (step, metrics ref, weights ref), oldest first
+        self.batches: dict[int, list[dict]] = {}  # kept until a newer snapshot is published
+        self.published_snapshots: list[int] = [0]
+        self.pending_recovery: tuple[dict, float] | None = None
+        self.rollout_recoveries: dict[Any, dict] = {}  # dead actor handle -> its recovery record
+        self.kill_time: float | None = None
+        self.num_sampled_tokens = 0
+        self.num_groups_generated = 0
+        self.stop = False
+        self.start = time.perf_counter()
+        gate_closed_since = None
+        starved_since = None
+
+        while True:
+            gate_closed = self._dispatch_rollouts()
+            self._dispatch_learner_steps()
+            now = time.perf_counter()
+            if gate_closed and gate_closed_since is None:
+                gate_closed_since = now
+            elif not gate_closed and gate_closed_since is not None:
+                self.profile["gate_closed_s"] += now - gate_closed_since
+                gate_closed_since = None
+            starved = not self.learner_queue and not self.stop and self.next_step < self.num_steps
+            if starved and starved_since is None:
+                starved_since = now
+            elif not starved and starved_since is not None:
+                self.profile["learner_starved_s"] += now - starved_since
+                starved_since = None
+            if not self.learner_queue and not self.inflight:
+                break  # nothing runs and nothing may start: done
+            waitable = list(self.inflight)
+            if self.learner_queue:
+                waitable.append(self.learner_queue[0][1])
+            waited = time.perf_counter()
+            done, _ = ray.wait(waitable, num_returns=1)
+            self.profile["driver_wait_s"] += time.perf_counter() - waited
+            if self.learner_queue and done[0] == self.learner_queue[0][1]:
+                self._on_learner_result()
+            else:
+                self._on_rollout_result(done[0])
+        return self._summary()
+
+    def _out_of_time(self) -> bool:
+        return (
+            self.time_budget_s is not None
+            and time.perf_counter() - self.start >= self.time_budget_s
+        )
+
+    def _dispatch_rollouts(self) -> bool:
+        """Queue generation on actors with room while the gate allows; True if the gate is what
+        stopped an actor with room (generation would run more than k versions ahead)."""
+        while not self.stop:
+            index = min(range(len(self.actors)), key=lambda i: self.outstanding[i])
+            if self.outstanding[index] >= self.rollout_queue_depth:
+                return False
+            size = self.gate.chunk_size(
+                self.next_step,
+                self.pending_groups,
+                self.published_version,
+                self.rl.rollout_chunk_prompts,
+            )
+            if size == 0:
+                consume_step = self.next_step + self.pending_groups // self.groups_per_step
+                return consume_step < self.num_steps
+            tasks = self.pool.take(size)
+            seed = int(
+                np.random.SeedSequence(
+                    [self.config.trainer.seed, self.next_sequence]
+                ).generate_state(1)[0]
+            )
+            self._submit_rollout(index, self.next_sequence, tasks, seed)
+            self.slots[self.next_sequence] = None
+            self.next_sequence += 1
+            self.pending_groups += size
+        return False
+
+    def _submit_rollout(self, index: int, sequence: int, tasks: list[dict], seed: int) -> None:
+        actor = self.actors[index]
+        ref = actor.rollout.remote([self.weights_ref], self.published_version, tasks, seed)
+        self.inflight[ref] = (index, actor, sequence, tasks, seed)
+        self.outstanding[index] += 1
+
+    def _dispatch_learner_steps(self) -> None:
+        """Hand the next complete batch (in dispatch order) to the learner, if it has room."""
+        while (
+            not self.stop
+            and self.next_step < self.num_steps
+            and len(self.learner_queue) < self.learner_queue_depth
+        ):
+            ready: list[dict] = []
+            consumed_sequences = []
+            for sequence in sorted(self.slots):
+                if self.slots[sequence] is None or len(ready) >= self.groups_per_step:
+                    break
+                ready.extend(self.slots[sequence])
+                consumed_sequences.append(sequence)
+            if len(ready) < self.groups_per_step:
+                return
+            assert len(ready) == self.groups_per_step, "chunks never straddle batches"
+            for sequence in consumed_sequences:
+                del self.slots[sequence]
+            self.pending_groups -= self.groups_per_step
+            step = self.next_step
+            for group in ready:
+                staleness = step - group["version"]
+                if staleness > self.rl.max_staleness or staleness < 0:
+                    raise RuntimeError(
+                        f"internal error: group of version {group['version']} consumed by "
+                        f"step {step} (staleness bound {self.rl.max_staleness})"
+                    )
+                self.record["staleness"].append((step, group["version"]))
+                self.record["consumed_problem_ids"].append(group["problem_id"])
+            self.batches[step] = ready
+            metrics_ref, weights_ref = self.learner.step.remote(ready)
+            self.learner_queue.append((step, metrics_ref, weights_ref))
+            self.next_step += 1
+            if step in self.kill_learner_at:
+                self.kill_learner_at.discard(step)
+                self._kill_learner(step)
+            if step in self.kill_rollout_at and self.inflight:
+                self.kill_rollout_at.discard(step)
+                victim = next(iter(self.inflight.values()))[0]
+                self.log(f"fault injection: killing rollout actor {victim} at step {step}")
+                ray.kill(self.actors[victim], no_restart=True)
+
+    def _kill_learner(self, step: int) -> None:
+        """SIGKILL the learner's process by pid while it runs `step` (fault injection)."""
+        pid, node_id = self.learner_where["pid"], self.learner_where["node_id"]
+        self.log(f"fault injection: SIGKILL learner pid {pid} during step {step}")
+        self.kill_time = time.perf_counter()
+        if node_id == ray.get_runtime_context().get_node_id():
+            os.kill(pid, signal.SIGKILL)
+        else:
+            ray.get(_sigkill.options(scheduling_strategy=_pin(node_id)).remote(pid))
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _publish(self, weights_ref, version: int) -> None:
+        """New weights: the next dispatches carry them; actors with queued calls get an offer."""
+        self.weights_ref, self.published_version = weights_ref, version
+        for index, actor in enumerate(self.actors):
+            if self.outstanding[index]:
+                actor.offer_weights.remote([weights_ref], version)
+
+    def _on_learner_result(self) -> None:
+        step, metrics_ref, weights_ref = self.learner_queue[0]
+        try:
+            metrics = ray.get(metrics_ref)
+        except RayActorError:
+            self._recover_learner()
+            return
+        self.learner_queue.popleft()
+        self._publish(weights_ref, int(metrics["version"]))
+        elapsed_s = time.perf_counter() - self.start
+        metrics.update(
+            step=step,
+            elapsed_s=elapsed_s,
+            sampled_tokens=self.num_sampled_tokens,
+            retired_prompts=len(self.pool.retired),
+        )
+        self.record["steps"].append(metrics)
+        self.profile["learner_step_s"] += metrics["learner_step_s"]
+        self.profile["learner_snapshot_blocking_s"] += metrics.get("snapshot_blocking_s", 0.0)
+        self.profile["learner_weights_pack_s"] += metrics["weights_pack_s"]
+        self._forget_batches(int(metrics.get("snapshot_published_version", -1)))
+        if self.pending_recovery is not None and step >= self.pending_recovery[0]["step"]:
+            recovery, detected = self.pending_recovery
+            # From failure detection to the failed step's result: what the job lost to it.
+            recovery["caught_up_s"] = time.perf_counter() - detected
+            recovery["total_s"] = recovery["caught_up_s"] + (recovery["detect_s"] or 0.0)
+            self.log(
+                f"learner recovered: restored version {recovery['restored_version']} from "
+                f"memory, replayed {recovery['replayed_steps']} step(s); detect "
+                f"{recovery['detect_s'] or 0:.2f}s, restart {recovery['restart_s']:.2f}s (state "
+                f"load {recovery['restore_s']:.3f}s), back at step {step} after "
+                f"{recovery['caught_up_s']:.2f}s"
+            )
+            self.pending_recovery = None
+        version = self.published_version
+        if version % self.rl.eval_every == 0 or version == self.num_steps:
+            self.checkpoints[version] = weights_ref
+        if self._out_of_time() and not self.stop:
+            self.stop = True
+            self.checkpoints[version] = weights_ref
+
+    def _forget_batches(self, published_snapshot: int) -> None:
+        """Drop batches no recovery can need: older than the second-newest published snapshot
+        (the newest may still be committing when the learner dies)."""
+        if published_snapshot > self.published_snapshots[-1]:
+            self.published_snapshots = self.published_snapshots[-1:] + [published_snapshot]
+        floor = self.published_snapshots[0]
+        for step in [s for s in self.batches if s < floor]:
+            del self.batches[step]
+
+    def _recover_learner(self) -> None:
+        detected = time.perf_counter()
+        failed_step = self.learner_queue[0][0]
+        if self.manager is None:
+            raise RuntimeError(
+                f"the learner died during step {failed_step} and snapshot.enabled is false: "
+                "nothing to restore it from; enable snapshots to make the learner fault tolerant"
+            )
+        learner_recoveries = [r for r in self.record["recoveries"] if r["kind"] == "learner"]
+        if len(learner_recoveries) >= self.config.cluster.max_recoveries:
+            raise RuntimeError(
+                f"the learner died during step {failed_step} after {len(learner_recoveries)} "
+                "recoveries (cluster.max_recoveries); giving up"
+            )
+        detect_s = detected - self.kill_time if self.kill_time is not None else None
+        self.kill_time = None
+        committed = self._committed_version(at_least=self.published_snapshots[-1])
+        if committed is None:
+            raise RuntimeError(f"the learner died during step {failed_step}; no version committed")
+        missing = [s for s in range(committed, self.next_step) if s not in self.batches]
+        if missing:
+            raise RuntimeError(
+                f"internal error: recovering version {committed} needs the batches of steps "
+                f"{missing}, which were already dropped"
+            )
+        self.log(
+            f"learner died during step {failed_step}: restoring version {committed} from the "
+            f"snapshot manager and handing it the batches of steps {committed}..{self.next_step - 1}"
+        )
+        started = time.perf_counter()
+        dead_pid = self.learner_where["pid"]
+        ray.kill(self.learner, no_restart=True)
+        self.learner = self._start_learner(self.learner_where["node_id"])
+        info = ray.get(self.learner.connect.remote(self.manager, committed))
+        restart_s = time.perf_counter() - started
+        self.learner_queue = deque()
+        if committed > failed_step:
+            # The dead learner finished (and snapshotted) steps whose results never arrived:
+            # their weights come from the restored state, their metrics are lost.
+            for step in range(failed_step, committed):
+                self.record["steps"].append(
+                    {"step": step, "version": float(step + 1), "metrics_lost": 1.0}
+                )
+            self._publish(self.learner.weights.remote(), committed)
+        for step in range(committed, self.next_step):
+            metrics_ref, weights_ref = self.learner.step.remote(self.batches[step])
+            if step >= failed_step:
+                self.learner_queue.append((step, metrics_ref, weights_ref))
+        recovery = {
+            "kind": "learner",
+            "step": failed_step,
+            "restored_version": committed,
+            "source": "memory",
+            "replayed_steps": self.next_step - committed,
+            "detect_s": detect_s,
+            "restart_s": restart_s,
+            "restore_s": info["restore_s"],
+            "dead_pid": dead_pid,
+            "new_pid": self.learner_where["pid"],
+        }
+        self.record["recoveries"].append(recovery)
+        self.pending_recovery = (recovery, detected)
+
+    def _on_rollout_result(self, ref) -> None:
+        index, handle, sequence, tasks, seed = self.inflight.pop(ref)
+        if self.actors[index] is handle:
+            self.outstanding[index] -= 1
+        try:
+            result = ray.get(ref)
+        except RayActorError:
+            self._replace_rollout_actor(index, handle, sequence, tasks, seed)
+            return
+        groups = result["groups"]
+        self.slots[sequence] = groups
+        self.profile["rollout_calls"] += 1
+        self.profile["rollout_busy_s"] += result["busy_s"] + result["load_weights_s"]
+        self.profile["rollout_generate_s"] += result["generate_s"]
+        self.profile["rollout_reward_s"] += result["reward_s"]
+        self.profile["rollout_load_weights_s"] += result["load_weights_s"]
+        for group in groups:
+            self.num_sampled_tokens += group["num_sampled_tokens"]
+            self.num_groups_generated += 1
+            self.pool.record(group["problem_id"], group["rewards"])
+        if self.stop:
+            self.slots.pop(sequence, None)
+
+    def _replace_rollout_actor(self, index, handle, sequence, tasks, seed) -> None:
+        """A dead actor is replaced once; each of its lost calls is generated again in its
+        place in the dispatch order (so batches keep their boundaries), with the newest weights."""
+        recovery = self.rollout_recoveries.get(handle)
+        if recovery is None:
+            self.log(f"rollout actor {index} died; replacing it")
+            recovery = {"kind": "rollout", "actor": index, "requeued": []}
+            self.rollout_recoveries[handle] = recovery
+            self.record["recoveries"].append(recovery)
+            self.actors[index] = RolloutActor.remote(self.tree, index)
+            self.outstanding[index] = 0
+        recovery["requeued"].extend(t["problem_id"] for t in tasks)
+        if self.stop:
+            self.slots.pop(sequence, None)
+            self.pending_groups -= len(tasks)
+            return
+        self._submit_rollout(index, sequence, tasks, seed)
+
+    def _summary(self) -> dict[str, Any]:
+        record = self.record
+        wall_s = time.perf_counter() - self.start
+        staleness = [step - version for step, version in record["staleness"]]
+        num_actors = len(self.actors)
+        profile = dict(self.profile)
+        profile["rollout_idle_s"] = wall_s * num_actors - profile["rollout_busy_s"]
+        profile["learner_idle_s"] = (
+            wall_s - profile["learner_step_s"] - profile["learner_weights_pack_s"]
+        )
+        record.update(
+            rl_wall_s=wall_s,
+            num_learner_steps=len(record["steps"]),
+            num_sampled_tokens=self.num_sampled_tokens,
+            num_groups_generated=self.num_groups_generated,
+            sampled_tokens_per_s=self.num_sampled_tokens / wall_s,
+            learner_steps_per_s=len(record["steps"]) / wall_s,
+            max_staleness_seen=max(staleness, default=0),
+            # Fraction of the wall time the rollout actors / the learner computed: what overlap buys.
+            rollout_utilisation=profile["rollout_busy_s"] / (wall_s * num_actors),
+            learner_utilisation=profile["learner_step_s"] / wall_s,
+            mean_staleness=float(np.mean(staleness)) if staleness else 0.0,
+            retired_prompts=len(self.pool.retired),
+            final_version=self.published_version,
+            profile=profile,
+        )
+        if self.manager is not None:
+            status = ray.get(self.manager.status.remote())
+            record["snapshot_committed_version"] = status["committed"]
+        final = Packed.from_tuple(ray.get(self.weights_ref))
+        record["final_weights_xxh64"] = xxhash.xxh64_hexdigest(final.buffer)
+        return record
 
 
 def run_pipeline(
@@ -129,227 +676,30 @@ def run_pipeline(
     kill_learner_at_steps: tuple[int, ...] = (),
     kill_rollout_at_steps: tuple[int, ...] = (),
     evaluate: bool = True,
+    rollout_queue_depth: int = ROLLOUT_QUEUE_DEPTH,
+    learner_queue_depth: int = LEARNER_QUEUE_DEPTH,
     log=print,
 ) -> dict[str, Any]:
     """Run RL to ``trainer.max_steps`` learner steps (or until ``time_budget_s`` of RL time);
-    Ray must be initialised. Returns the run record (metrics, staleness, throughput, evals)."""
-    rl = config.rl
-    tree = _config_tree(config)
-    kill_learner_at = set(kill_learner_at_steps) | {
-        e.step for e in config.faults.events if e.kind == "kill_worker"
-    }
-    kill_rollout_at = set(kill_rollout_at_steps)
-    num_steps = config.trainer.max_steps
-    groups_per_step = rl.prompts_per_step
-    gate = StalenessGate(rl.max_staleness, groups_per_step, num_steps)
-    pool = PromptPool(
-        train_problems(config),
-        seed=config.trainer.seed,
-        retire_pass_rate=rl.positive_pass_rate if rl.no_positive_resampling else None,
-        min_samples_to_retire=rl.num_samples,
+    Ray must be initialised. Returns the run record (metrics, staleness, throughput, profile,
+    recoveries, evals). Every actor and the snapshot memory are released before it returns."""
+    driver = PipelineDriver(
+        config,
+        time_budget_s=time_budget_s,
+        kill_learner_at_steps=kill_learner_at_steps,
+        kill_rollout_at_steps=kill_rollout_at_steps,
+        rollout_queue_depth=rollout_queue_depth,
+        learner_queue_depth=learner_queue_depth,
+        log=log,
     )
-
-    learner = LearnerActor.remote(tree)
-    record: dict[str, Any] = {
-        "steps": [],
-        "staleness": [],
-        "consumed_problem_ids": [],
-        "recoveries": [],
-        "evals": [],
-    }
-    if rl.warmup_sft_steps:
-        record["warmup"] = ray.get(learner.warmup.remote(rl.warmup_sft_steps))
-        log(f"supervised warm-up: {record['warmup']}")
-    state = ray.get(learner.state.remote())
-    state_version = 0
-    weights_ref = learner.weights.remote()
-    published_version = 0
-    checkpoints: dict[int, Any] = {0: weights_ref}
-
-    actors = [RolloutActor.remote(tree, i) for i in range(rl.num_rollout_workers)]
-    idle = list(range(len(actors)))
-    inflight: dict[Any, tuple[int, int, list[dict]]] = {}  # ref -> (actor, sequence, tasks)
-    slots: dict[int, list[dict] | None] = {}  # dispatch sequence -> groups (None: in flight)
-    next_sequence = 0
-    pending_groups = 0  # dispatched and not yet consumed by a learner step
-    next_step = 0
-    learner_refs: tuple | None = None
-    batches_since_state: list[list[dict]] = []
-    num_sampled_tokens = 0
-    rollout_busy_s = 0.0
-    num_groups_generated = 0
-    num_retired_seen = 0
-    start = time.perf_counter()
-    stop = False
-
-    def out_of_time() -> bool:
-        return time_budget_s is not None and time.perf_counter() - start >= time_budget_s
-
-    while True:
-        # 1. Dispatch generation while the staleness gate allows.
-        while idle and not stop:
-            size = gate.chunk_size(
-                next_step, pending_groups, published_version, rl.rollout_chunk_prompts
-            )
-            if size == 0:
-                break
-            index = idle.pop(0)
-            tasks = pool.take(size)
-            seed = int(
-                np.random.SeedSequence([config.trainer.seed, next_sequence]).generate_state(1)[0]
-            )
-            ref = actors[index].rollout.remote([weights_ref], published_version, tasks, seed)
-            inflight[ref] = (index, next_sequence, tasks)
-            slots[next_sequence] = None
-            next_sequence += 1
-            pending_groups += size
-
-        # 2. Start a learner step when the next batch, in dispatch order, is complete.
-        if learner_refs is None and not stop and next_step < num_steps:
-            ready: list[dict] = []
-            consumed_sequences = []
-            for sequence in sorted(slots):
-                if slots[sequence] is None or len(ready) >= groups_per_step:
-                    break
-                ready.extend(slots[sequence])
-                consumed_sequences.append(sequence)
-            if len(ready) >= groups_per_step:
-                assert len(ready) == groups_per_step, "chunks never straddle batches"
-                for sequence in consumed_sequences:
-                    del slots[sequence]
-                pending_groups -= groups_per_step
-                for group in ready:
-                    staleness = next_step - group["version"]
-                    if staleness > rl.max_staleness or staleness < 0:
-                        raise RuntimeError(
-                            f"internal error: group of version {group['version']} consumed by "
-                            f"step {next_step} (staleness bound {rl.max_staleness})"
-                        )
-                    record["staleness"].append((next_step, group["version"]))
-                    record["consumed_problem_ids"].append(group["problem_id"])
-                batches_since_state.append(ready)
-                learner_refs = learner.step.remote(ready)
-                if next_step in kill_learner_at:
-                    kill_learner_at.discard(next_step)
-                    log(f"fault injection: killing the learner during step {next_step}")
-                    ray.kill(learner, no_restart=True)
-                if next_step in kill_rollout_at and inflight:
-                    kill_rollout_at.discard(next_step)
-                    victim = next(iter(inflight.values()))[0]
-                    log(f"fault injection: killing rollout actor {victim} at step {next_step}")
-                    ray.kill(actors[victim], no_restart=True)
-                next_step += 1
-
-        if learner_refs is None and not inflight:
-            break  # nothing runs and nothing may start: done
-
-        # 3. Wait for the first thing to finish.
-        waitable = list(inflight) + ([learner_refs[0]] if learner_refs is not None else [])
-        done, _ = ray.wait(waitable, num_returns=1)
-        finished = done[0]
-        if learner_refs is not None and finished == learner_refs[0]:
-            try:
-                metrics = ray.get(learner_refs[0])
-                new_state = ray.get(learner_refs[2])
-            except ray.exceptions.RayActorError:
-                learner, learner_refs = _recover_learner(
-                    tree, state, batches_since_state, record, next_step - 1, log
-                )
-                continue
-            weights_ref = learner_refs[1]
-            published_version = int(metrics["version"])
-            if new_state is not None:
-                state, state_version = new_state, published_version
-                batches_since_state = []
-            metrics.update(
-                step=next_step - 1,
-                elapsed_s=time.perf_counter() - start,
-                sampled_tokens=num_sampled_tokens,
-                retired_prompts=len(pool.retired),
-            )
-            record["steps"].append(metrics)
-            if published_version % rl.eval_every == 0 or published_version == num_steps:
-                checkpoints[published_version] = weights_ref
-            learner_refs = None
-            if out_of_time():
-                stop = True
-                checkpoints[published_version] = weights_ref
-            continue
-
-        index, sequence, tasks = inflight.pop(finished)
-        try:
-            groups = ray.get(finished)
-        except ray.exceptions.RayActorError:
-            log(f"rollout actor {index} died; re-queueing {len(tasks)} prompts")
-            record["recoveries"].append(
-                {"kind": "rollout", "actor": index, "requeued": [t["problem_id"] for t in tasks]}
-            )
-            del slots[sequence]
-            pending_groups -= len(tasks)
-            pool.requeue(tasks)
-            actors[index] = RolloutActor.remote(tree, index)
-            idle.append(index)
-            continue
-        slots[sequence] = groups
-        idle.append(index)
-        for group in groups:
-            num_sampled_tokens += group["num_sampled_tokens"]
-            rollout_busy_s += group["rollout_busy_s"]
-            num_groups_generated += 1
-            pool.record(group["problem_id"], group["rewards"])
-        num_retired_seen = len(pool.retired)
-        if stop:
-            slots.pop(sequence, None)
-
-    wall_s = time.perf_counter() - start
-    staleness = [step - version for step, version in record["staleness"]]
-    record.update(
-        rl_wall_s=wall_s,
-        num_learner_steps=len(record["steps"]),
-        num_sampled_tokens=num_sampled_tokens,
-        num_groups_generated=num_groups_generated,
-        sampled_tokens_per_s=num_sampled_tokens / wall_s,
-        learner_steps_per_s=len(record["steps"]) / wall_s,
-        max_staleness_seen=max(staleness, default=0),
-        # Fraction of the wall time the rollout actors / the learner computed: what overlap buys.
-        rollout_utilisation=rollout_busy_s / (wall_s * len(actors)),
-        learner_utilisation=sum(m["learner_step_s"] for m in record["steps"]) / wall_s,
-        mean_staleness=float(np.mean(staleness)) if staleness else 0.0,
-        retired_prompts=num_retired_seen,
-        final_version=published_version,
-        state_version=state_version,
-    )
-    final = Packed.from_tuple(ray.get(weights_ref))
-    record["final_weights_xxh64"] = xxhash.xxh64_hexdigest(final.buffer)
-    if evaluate:
-        record["evals"] = evaluate_checkpoints(config, actors, checkpoints)
-    for actor in actors:
-        ray.kill(actor)
-    ray.kill(learner)
-    return record
-
-
-def _recover_learner(tree, state, batches, record, failed_step, log):
-    """A new learner from the driver's state copy; replay the batches since that copy."""
-    log(
-        f"learner died during step {failed_step}; restoring version {state[0]} and replaying "
-        f"{len(batches)} step(s)"
-    )
-    started = time.perf_counter()
-    learner = LearnerActor.remote(tree, state)
-    refs = None
-    for batch in batches:
-        refs = learner.step.remote(batch)
-    record["recoveries"].append(
-        {
-            "kind": "learner",
-            "step": failed_step,
-            "restored_version": int(state[0]),
-            "replayed_steps": len(batches),
-            "restart_s": time.perf_counter() - started,
-        }
-    )
-    return learner, refs
+    try:
+        driver.setup()
+        record = driver.run()
+        if evaluate:
+            record["evals"] = evaluate_checkpoints(config, driver.actors, driver.checkpoints)
+        return record
+    finally:
+        driver.close()
 
 
 def evaluate_checkpoints(

@@ -1,6 +1,8 @@
 """The async pipeline: staleness gate, prompt pool, learner state, and Ray runs with k = 0
 (exactly on-policy), k > 0 (bounded staleness) and killed learner / rollout actors."""
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -142,15 +144,40 @@ def test_k2_bounds_staleness_and_overlaps_generation(ray_instance):
     assert record["max_staleness_seen"] == max(staleness)
 
 
-def test_killed_learner_recovers_bit_identically(ray_instance):
+def test_sigkilled_learner_recovers_from_manager_memory_bit_identically(ray_instance):
     from stalwart.launch.rl_driver import run_pipeline
+    from stalwart.snapshot import shm
 
     config = tiny_config(max_staleness=0)
     clean = run_pipeline(config, evaluate=False, log=quiet)
-    faulty = run_pipeline(config, kill_learner_at_steps=(3,), evaluate=False, log=quiet)
-    assert [r["kind"] for r in faulty["recoveries"]] == ["learner"]
+    faulty = run_pipeline(config, kill_learner_at_steps=(3,), evaluate=False, log=print)
+    (recovery,) = faulty["recoveries"]
+    print("learner recovery:", recovery)
+    assert recovery["kind"] == "learner" and recovery["source"] == "memory"
+    # The process was SIGKILLed by pid and a new one took over.
+    assert recovery["new_pid"] != recovery["dead_pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(recovery["dead_pid"], 0)
+    # Snapshots are taken every step: the manager held version 3 (or 2, if the kill beat the
+    # publish of 3), and the driver handed the replacement the batches from there on.
+    assert recovery["step"] == 3 and recovery["restored_version"] in (2, 3)
+    assert recovery["replayed_steps"] == 4 - recovery["restored_version"]
+    assert 0 < recovery["restore_s"] < recovery["restart_s"] < recovery["caught_up_s"]
+    assert recovery["detect_s"] > 0 and recovery["total_s"] > recovery["caught_up_s"]
     assert faulty["num_learner_steps"] == 6
+    assert [int(m["version"]) for m in faulty["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert faulty["snapshot_committed_version"] is not None
     assert faulty["final_weights_xxh64"] == clean["final_weights_xxh64"]
+    assert not shm.list_regions("stalwart-rl")  # the managers' memory was released
+
+
+def test_learner_without_snapshots_fails_clearly(ray_instance):
+    from stalwart.launch.rl_driver import run_pipeline
+
+    config = tiny_config(max_staleness=0)
+    config.snapshot.enabled = False
+    with pytest.raises(RuntimeError, match="snapshot.enabled is false"):
+        run_pipeline(config, kill_learner_at_steps=(2,), evaluate=False, log=quiet)
 
 
 def test_killed_rollout_actor_is_replaced_and_its_prompts_requeued(ray_instance):

@@ -1,22 +1,28 @@
 """The RL learner: policy + optimizer, one policy-gradient step per batch of scored groups.
 
-Its whole state is small and explicit (`state()` / `load_state()`): model parameters, AdamW
-moments, the schedule position, the weights version and the count of supervised warm-up steps.
-`state()` returns it as one flat buffer plus JSON layout (the snapshot layout), so whoever holds
-that buffer outside this process (the driver today, the snapshot manager in a multi-rank job)
-can rebuild an identical learner; stepping the rebuilt learner on the same batch gives
-bit-identical weights.
+Its whole state is small and explicit: model parameters, AdamW moments, the schedule position,
+the weights version and the count of supervised warm-up steps. `RLLearner` speaks the snapshot
+agent's trainer protocol (`state_dict()` / `load_state_dict()`, `before_optimizer_hooks`,
+`after_step_hooks`), so a `stalwart.snapshot.agent.SnapshotAgent` copies it into the node's
+`SnapshotManager` off the hot path exactly as it does for a training rank, and
+`stalwart.snapshot.restore.load_from_manager` rebuilds an identical learner from the manager's
+memory; stepping the rebuilt learner on the same batch gives bit-identical weights. The AdamW
+state is materialised at construction, so the snapshot layout is the same from version 0 on.
+`state()` packs the same tree into one flat buffer (tests, single-process use).
 
 A step: optionally drop zero-variance groups (identical rewards teach nothing; not resampled),
 compute advantages (group mean baseline, group or batch std), recompute the sampled tokens'
 log-probabilities under the current weights, apply the configured loss (GRPO, DAPO, CISPO) and
 aggregation, clip gradients, step AdamW. The version increases by one every step, also when
-filtering left nothing to learn from, so versions count learner steps.
+filtering left nothing to learn from, so versions count learner steps. The before-optimizer
+hooks run right before the parameters change (a snapshot of the previous version must have
+finished copying), the after-step hooks with the new version once the step is complete.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -92,46 +98,83 @@ class RLLearner:
         self.settings = loss_settings(config)
         self.version = 0
         self.num_sft_steps = 0
+        self.world_size = 1
+        self.before_optimizer_hooks: list[Callable[[int], None]] = []
+        self.after_step_hooks: list[Callable[[int], None]] = []
+        self._materialise_optimizer_state()
         if state is not None:
             self.load_state(state)
 
     # -- state ---------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def _materialise_optimizer_state(self) -> None:
+        """Create AdamW's moments and step counters now, as torch itself would on the first step.
+
+        A snapshot's size may not change between versions (the manager's slots are sized once),
+        and version 0 is snapshotted before any step. One step at learning rate 0 on zero
+        gradients lets torch build its own state; parameters are put back bit for bit and the
+        state is zeroed, so the first real step sees exactly what a fresh optimizer would."""
+        saved = [p.detach().clone() for p in self.model.parameters()]
+        learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        for parameter in self.model.parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for group, lr in zip(self.optimizer.param_groups, learning_rates):
+            group["lr"] = lr
+        for parameter, value in zip(self.model.parameters(), saved):
+            parameter.copy_(value)
+        for entries in self.optimizer.state.values():
+            for value in entries.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+
     def weights(self) -> Packed:
         return pack_model(self.model, self.version)
 
-    def state(self) -> Packed:
-        optimizer_state = self.optimizer.state_dict()
-        tree = {
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's whole state as a tree of live tensors and JSON values (no copies)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        optimizer_state = {
+            names[id(parameter)]: dict(entries)
+            for parameter, entries in self.optimizer.state.items()
+        }
+        return {
             "model": {k: v.detach() for k, v in self.model.state_dict().items()},
-            "optimizer": {
-                # JSON keys are strings: parameter indices become "0", "1", ...
-                "state": {str(k): v for k, v in optimizer_state["state"].items()},
-                "param_groups": [
-                    {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
-                    for group in optimizer_state["param_groups"]
-                ],
-            },
+            "optimizer": optimizer_state,
             "schedule": self.schedule.state_dict(),
             "version": self.version,
             "num_sft_steps": self.num_sft_steps,
         }
-        return pack(tree, self.version)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy a state tree into the live tensors (the tree may be views over snapshot memory)."""
+        self.model.load_state_dict(state["model"])
+        named = dict(self.model.named_parameters())
+        missing = set(named) - set(state["optimizer"])
+        if missing:
+            raise ValueError(
+                f"learner state has no optimizer entries for {sorted(missing)[:3]}: it was "
+                "saved by a different model configuration"
+            )
+        for name, entries in state["optimizer"].items():
+            slot = self.optimizer.state[named[name]]
+            for key, value in entries.items():
+                slot[key].copy_(value)
+        self.schedule.load_state_dict(state["schedule"])
+        self.version = int(state["version"])
+        self.num_sft_steps = int(state["num_sft_steps"])
+
+    def state(self) -> Packed:
+        """`state_dict()` copied into one flat buffer plus JSON layout."""
+        return pack(self.state_dict(), self.version)
 
     def load_state(self, packed: Packed) -> None:
-        tree = unpack(packed)
-        self.model.load_state_dict(tree["model"])
-        optimizer_state = {
-            "state": {int(k): v for k, v in tree["optimizer"]["state"].items()},
-            "param_groups": [
-                {k: tuple(v) if k == "betas" else v for k, v in group.items()}
-                for group in tree["optimizer"]["param_groups"]
-            ],
-        }
-        self.optimizer.load_state_dict(optimizer_state)
-        self.schedule.load_state_dict(tree["schedule"])
-        self.version = int(tree["version"])
-        self.num_sft_steps = int(tree["num_sft_steps"])
+        self.load_state_dict(unpack(packed))
 
     # -- supervised warm-up ----------------------------------------------------------------------
 
@@ -139,6 +182,8 @@ class RLLearner:
         """Teacher-forced training on "prompt answer<EOS>" (loss on the answer tokens): a policy
         that already solves some problems, as RL starts from a pretrained model."""
         rl = self.config.rl
+        for hook in self.before_optimizer_hooks:  # a snapshot in flight must finish copying
+            hook(self.version)
         problems = train_problems(self.config)
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=rl.warmup_sft_lr, weight_decay=0.0
@@ -214,6 +259,8 @@ class RLLearner:
                     self.model.parameters(), self.config.optim.grad_clip
                 )
                 metrics["grad_norm"] = float(norm)
+            for hook in self.before_optimizer_hooks:
+                hook(self.version + 1)
             self.optimizer.step()
             metrics.update(output.metrics)
             metrics["zero_variance_fraction"] = float(
@@ -223,4 +270,6 @@ class RLLearner:
         self.version += 1
         metrics["version"] = float(self.version)
         metrics["learner_step_s"] = time.perf_counter() - start
+        for hook in self.after_step_hooks:
+            hook(self.version)
         return metrics

@@ -89,6 +89,7 @@ class RolloutWorker:
         self.reward = build_reward(
             config.rl.reward, config.rl.reward_timeout_s, config.rl.reward_on_error
         )
+        self.last_timing: dict[str, float] = {}
 
     def load_weights(self, packed: Packed) -> None:
         if packed.version != self.version:
@@ -111,6 +112,7 @@ class RolloutWorker:
         repeated = [ids for ids in prompt_ids for _ in range(num_samples)]
         generator = torch.Generator().manual_seed(seed)
         generation = generate(self.model, repeated, self.settings, generator)
+        generated = time.perf_counter()
         completions = [
             self.tokenizer.decode(generation.completion_ids(row)) for row in range(len(repeated))
         ]
@@ -123,6 +125,7 @@ class RolloutWorker:
             answer_texts,
             [t["answer"] for t in tasks for _ in range(num_samples)],
         )
+        scored = time.perf_counter()
         groups = []
         for index, task in enumerate(tasks):
             rows = slice(index * num_samples, (index + 1) * num_samples)
@@ -147,6 +150,12 @@ class RolloutWorker:
         busy_s = time.perf_counter() - started
         for group in groups:  # each group carries its share of the call's busy time
             group["rollout_busy_s"] = busy_s / len(groups)
+        # Where this call's time went (the driver's profile adds the weight loads).
+        self.last_timing = {
+            "generate_s": generated - started,
+            "reward_s": scored - generated,
+            "busy_s": busy_s,
+        }
         return groups
 
     @torch.no_grad()
