@@ -508,10 +508,12 @@ _state: dict = {"loaded": False, "kernels": None, "enabled": None, "executor": N
 
 
 def _executor(num_workers: int) -> ThreadPoolExecutor:
-    executor = _state["executor"]
-    if executor is None or executor._max_workers < num_workers:
+    """A thread pool of at least `num_workers`, owned by this process (a pool inherited
+    through fork has no threads behind it, so a forked child makes its own)."""
+    owner, executor = _state["executor"] or (None, None)
+    if executor is None or owner != os.getpid() or executor._max_workers < num_workers:
         executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="stalwart-quant")
-        _state["executor"] = executor
+        _state["executor"] = (os.getpid(), executor)
     return executor
 
 

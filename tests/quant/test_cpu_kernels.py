@@ -294,3 +294,18 @@ def test_cuda_hashed_random_bits_match_cpu():
             (333, 17), num_random_bits, key=2**63 + 11, device="cuda"
         )
         assert torch.equal(cpu, cuda.cpu())
+
+
+def _submit_to_the_kernel_pool(_=None) -> int:
+    return cpu_kernels._executor(2).submit(lambda: 7).result(timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_gets_its_own_thread_pool():
+    """A pool inherited through fork has no threads behind it: work submitted to it would
+    wait forever."""
+    import multiprocessing
+
+    assert _submit_to_the_kernel_pool() == 7  # the parent's pool exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(_submit_to_the_kernel_pool, [0]) == [7]
