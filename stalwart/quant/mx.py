@@ -597,7 +597,7 @@ def _fused_rows(
 def _kernels_for(rows: torch.Tensor, spec: QuantSpec) -> cpu_kernels.CpuKernels | None:
     """The fused CPU kernels when they cover this spec (1-D blocks, tensor or no scaling of a
     float/int grid; MX with nearest rounding) and are available; else None (eager path)."""
-    if rows.device.type != "cpu" or spec.block_2d:
+    if rows.device.type != "cpu" or spec.block_2d or rows.numel() == 0:
         return None
     if spec.element_format.kind not in ("float", "int"):
         return None

@@ -309,3 +309,8 @@ def test_a_forked_child_gets_its_own_thread_pool():
     assert _submit_to_the_kernel_pool() == 7  # the parent's pool exists now
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.map(_submit_to_the_kernel_pool, [0]) == [7]
+
+
+def test_empty_tensors_take_the_eager_path(kernels_switch):
+    kernels_switch(True)
+    assert quantize_dequantize(torch.empty(0, 32), mx_spec("e4m3")).shape == (0, 32)
