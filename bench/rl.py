@@ -1,12 +1,17 @@
 """RL benchmark: synchronous on-policy vs PipelineRL-k on the same model and CPU budget.
 
 Both runs use examples/rl_arithmetic.yaml (ScaleRL recipe, one learner actor and one rollout
-actor with one torch thread each, the same deterministic supervised start) and the same
-wall-clock budget of RL time. Only rl.max_staleness differs: 0 (synchronous: the rollout actor
-waits while the learner steps and the other way round) vs k (generation continues while the
-learner steps, at most k versions stale). Reported per run: generated (sampled) tokens/s,
-learner steps/s, held-out pass@1 of the last version, and the ScaleRL sigmoid fit (A, B) of
-held-out pass@1 against RL wall-clock seconds. Ratios are async / sync from this one run.
+actor with one torch thread each, the same deterministic supervised start, the learner
+snapshotting into its SnapshotManager every step) and the same wall-clock budget of RL time.
+Both use the same generation code, batch sizes (``--chunk-prompts`` prompts per generation
+call, ``rl.prompts_per_step`` groups per learner step) and request queueing; only
+rl.max_staleness differs: 0 (synchronous: nothing is generated while the learner steps, and the
+learner waits for the whole batch) vs k (generation continues while the learner steps, at most
+k versions stale). Reported per run: generated (sampled) tokens/s, learner steps/s, held-out
+pass@1 of the last version, the ScaleRL sigmoid fit (A, B) of held-out pass@1 against RL
+wall-clock seconds, and where the time went (generation, reward, weight loads, learner step,
+snapshot blocking, learner starved for data, staleness gate closed). Ratios are async / sync
+from this one run.
 
     python bench/rl.py --budget-s 45 --k 4 --json runs/bench/rl.json
 """
@@ -59,6 +64,33 @@ def run_one(
     return {"record": record, "curve": curve, "fit": fit}
 
 
+def print_profile(runs: list[tuple[str, dict]]) -> None:
+    """Seconds of the RL wall time each part took, per run (rollout parts summed over actors)."""
+    parts = [
+        ("RL wall time", "rl_wall_s"),
+        ("rollout: generate", "rollout_generate_s"),
+        ("rollout: reward", "rollout_reward_s"),
+        ("rollout: load weights", "rollout_load_weights_s"),
+        ("rollout: idle", "rollout_idle_s"),
+        ("learner: step", "learner_step_s"),
+        ("learner: snapshot wait", "learner_snapshot_blocking_s"),
+        ("learner: pack weights", "learner_weights_pack_s"),
+        ("learner: idle", "learner_idle_s"),
+        ("driver: learner starved", "learner_starved_s"),
+        ("driver: gate closed", "gate_closed_s"),
+        ("driver: waiting", "driver_wait_s"),
+    ]
+    print(f"{'time (s)':<26}" + "".join(f"{name:>16}" for name, _ in runs))
+    for label, key in parts:
+        values = [
+            record["rl_wall_s"] if key == "rl_wall_s" else record["profile"][key]
+            for _, record in runs
+        ]
+        print(f"{label:<26}" + "".join(f"{value:>16.1f}" for value in values))
+    calls = [record["profile"]["rollout_calls"] for _, record in runs]
+    print(f"{'generation calls':<26}" + "".join(f"{value:>16}" for value in calls))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -69,7 +101,9 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--rollout-workers", type=int, default=1)
-    parser.add_argument("--chunk-prompts", type=int, default=8, help="prompts per generation call")
+    parser.add_argument(
+        "--chunk-prompts", type=int, default=16, help="prompts per generation call (both runs)"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None, help="default: next to --json")
     args = parser.parse_args()
@@ -126,6 +160,7 @@ def main() -> int:
             f"{row['max_staleness']:>10}{fit_a:>8}{fit_b:>8}"
             f"{row['rollout_utilisation']:>10.0%}{row['learner_utilisation']:>11.0%}"
         )
+    print_profile([("sync", sync["record"]), (f"PipelineRL-{args.k}", pipelined["record"])])
     sync_row, async_row = rows
     throughput_ratio = async_row["sampled_tokens_per_s"] / sync_row["sampled_tokens_per_s"]
     steps_ratio = async_row["learner_steps_per_s"] / sync_row["learner_steps_per_s"]
@@ -159,6 +194,9 @@ def main() -> int:
         "pass1_gain_points_sync": 100 * (sync_row["pass1_end"] - sync_row["pass1_start"]),
         "fit_sync": sync["fit"].to_dict() if sync["fit"] else None,
         "fit_async": pipelined["fit"].to_dict() if pipelined["fit"] else None,
+        "profile_sync": sync["record"]["profile"] | {"rl_wall_s": sync["record"]["rl_wall_s"]},
+        "profile_async": pipelined["record"]["profile"]
+        | {"rl_wall_s": pipelined["record"]["rl_wall_s"]},
         "curve_sync": sync["curve"],
         "curve_async": pipelined["curve"],
     }

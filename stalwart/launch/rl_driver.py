@@ -27,8 +27,9 @@ while the learner steps, and only stops when it would run more than k versions a
 Fault tolerance
 - A rollout actor that dies is replaced; its in-flight chunks are generated again, in their place
   in the dispatch order, with the newest weights.
-- A learner that dies (the step fails with a RayActorError) is replaced on the same node. The
-  replacement restores the newest committed version from the manager's memory
+- A learner that dies (the step fails with a RayActorError) is replaced on the same node by a
+  hot spare (a standby learner process started ahead, model already built). The replacement
+  restores the newest committed version from the manager's memory
   (`snapshot.restore.load_from_manager`), the batches that the dead learner had been handed
   since that version (kept by the driver until a newer snapshot is published) are handed to it
   again, and the rollout actors receive its weights with their versions as its steps complete.
@@ -241,6 +242,7 @@ class PipelineDriver:
         self.job_id = f"rl{uuid.uuid4().hex[:8]}"
         self.manager = None
         self.learner = None
+        self.standby = None
         self.learner_where: dict = {}
         self.actors: list = []
         # Profile of where the time goes (seconds, summed over calls).
@@ -262,9 +264,7 @@ class PipelineDriver:
 
     def _start_learner(self, node_id: str | None = None):
         options = {"scheduling_strategy": _pin(node_id)} if node_id else {}
-        learner = LearnerActor.options(**options).remote(self.tree)
-        self.learner_where = ray.get(learner.where.remote())
-        return learner
+        return LearnerActor.options(**options).remote(self.tree)
 
     def _start_manager(self, node_id: str):
         from stalwart.snapshot.manager import RemoteSnapshotManager
@@ -295,8 +295,14 @@ class PipelineDriver:
 
     def setup(self) -> None:
         self.learner = self._start_learner()
+        self.learner_where = ray.get(self.learner.where.remote())
         if self.config.snapshot.enabled:
-            self.manager = self._start_manager(self.learner_where["node_id"])
+            node_id = self.learner_where["node_id"]
+            self.manager = self._start_manager(node_id)
+            # A hot spare on the learner's node (process up, model built): a recovery only
+            # loads the snapshot into it instead of waiting for a new process to start.
+            self.standby = self._start_learner(node_id)
+            ray.get(self.standby.where.remote())
         if self.rl.warmup_sft_steps:
             self.record["warmup"] = ray.get(self.learner.warmup.remote(self.rl.warmup_sft_steps))
             self.log(f"supervised warm-up: {self.record['warmup']}")
@@ -311,12 +317,15 @@ class PipelineDriver:
         self.actors = [
             RolloutActor.remote(self.tree, i) for i in range(self.rl.num_rollout_workers)
         ]
+        # Process start-up (imports, model build) is not pipeline time: wait for it here.
+        ray.get([actor.pid.remote() for actor in self.actors])
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        if self.learner is not None:
-            ray.kill(self.learner, no_restart=True)
+        for learner in (self.learner, self.standby):
+            if learner is not None:
+                ray.kill(learner, no_restart=True)
         if self.manager is not None:
             try:
                 ray.get(self.manager.shutdown.remote(), timeout=10)
@@ -326,7 +335,7 @@ class PipelineDriver:
             from stalwart.snapshot.shm import remove_regions
 
             remove_regions(f"stalwart-{self.job_id}-")
-        self.actors, self.learner, self.manager = [], None, None
+        self.actors, self.learner, self.standby, self.manager = [], None, None, None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -561,11 +570,14 @@ class PipelineDriver:
             f"snapshot manager and handing it the batches of steps {committed}..{self.next_step - 1}"
         )
         started = time.perf_counter()
-        dead_pid = self.learner_where["pid"]
+        dead_pid, node_id = self.learner_where["pid"], self.learner_where["node_id"]
         ray.kill(self.learner, no_restart=True)
-        self.learner = self._start_learner(self.learner_where["node_id"])
+        used_standby = self.standby is not None
+        self.learner = self.standby if used_standby else self._start_learner(node_id)
+        self.learner_where = ray.get(self.learner.where.remote())
         info = ray.get(self.learner.connect.remote(self.manager, committed))
         restart_s = time.perf_counter() - started
+        self.standby = self._start_learner(node_id)  # the next spare starts in the background
         self.learner_queue = deque()
         if committed > failed_step:
             # The dead learner finished (and snapshotted) steps whose results never arrived:
@@ -590,6 +602,7 @@ class PipelineDriver:
             "restore_s": info["restore_s"],
             "dead_pid": dead_pid,
             "new_pid": self.learner_where["pid"],
+            "standby": used_standby,
         }
         self.record["recoveries"].append(recovery)
         self.pending_recovery = (recovery, detected)

@@ -154,6 +154,7 @@ def test_sigkilled_learner_recovers_from_manager_memory_bit_identically(ray_inst
     (recovery,) = faulty["recoveries"]
     print("learner recovery:", recovery)
     assert recovery["kind"] == "learner" and recovery["source"] == "memory"
+    assert recovery["standby"]  # the hot spare took over
     # The process was SIGKILLed by pid and a new one took over.
     assert recovery["new_pid"] != recovery["dead_pid"]
     with pytest.raises(ProcessLookupError):
