@@ -35,6 +35,8 @@ KERNEL_SPECS = [
     nv_spec("int4"),
     nv_spec("e2m1", scale="ue5m3"),
     nv_spec("e2m1", block_size=32),
+    nv_spec("e2m1", block_size=48, rounding="stochastic"),  # blocks straddle the kernels' runs
+    nv_spec("int4", block_size=1024, rounding="stochastic"),  # one block spans several runs
     nv_spec("e2m1", rounding="stochastic"),
     nv_spec("int4", rounding="stochastic", num_random_bits=12),
     nv_spec("e2m1", scale="ue5m3", rounding="stochastic", num_random_bits=3),
