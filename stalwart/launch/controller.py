@@ -115,6 +115,7 @@ class JobController:
         self.last_step = 0
         self.max_step_seen = 0
         self._next_manager_check = 0.0
+        self._manager_lost_reported = False  # a rank's agent saw its manager die
         self.manager_restarts: list[dict] = []
         self.attempt = 0
         self.history: list[dict] = []
@@ -318,6 +319,8 @@ class JobController:
                 continue
             self.cursors[rank] = report["cursor"]
             idle[rank] = report["idle_s"]
+            if report.get("manager_lost"):
+                self._manager_lost_reported = True
             if report.get("pending_fault"):
                 self.reported_faults[rank] = report["pending_fault"]
                 idle[rank] = 0.0  # paused on purpose, not hung
@@ -358,12 +361,18 @@ class JobController:
     def _replace_dead_managers(self) -> None:
         """A manager that died on a live node is restarted there; training does not stop.
 
-        Its memory is gone, so the versions in flight can never commit: the replacement tells its
-        peers to abandon everything older than the first version it receives (`abandon_below`),
-        and that version fills it.
+        Its memory is gone, so versions that it never received can never commit. The order:
+        the replacement learns its peers; its ranks switch to it and say from which version on
+        every snapshot reaches it (the floor); every manager abandons the versions below the
+        floor (waking anyone waiting for them); only then do the peers address the replacement.
+        The next version at or above the floor commits everywhere and fills it. A rank that
+        reports its manager lost triggers this at once; otherwise managers are pinged every
+        MANAGER_CHECK_S.
         """
-        if not self.managers or time.monotonic() < self._next_manager_check:
+        due = time.monotonic() >= self._next_manager_check or self._manager_lost_reported
+        if not self.managers or not due:
             return
+        self._manager_lost_reported = False
         self._next_manager_check = time.monotonic() + MANAGER_CHECK_S
         pings = self._call_all(self.managers, "ping")
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
@@ -383,13 +392,29 @@ class JobController:
             started = time.perf_counter()
             self.log(f"snapshot manager at position {position} died: restarting it on its node")
             manager = self._start_manager(position, replacement=True)
-            self._wire_managers()
             ranks = self.ranks_of(position)
-            ray.get([self.workers[r].set_manager.remote(manager) for r in ranks], timeout=60)
+            # Queued before anything the ranks send it; the ranks switch at once (their next
+            # snapshot waits for the new process to come up, so none of them runs far ahead).
+            peers_set = manager.set_peers.remote(self.managers)
+            try:
+                floors = ray.get(
+                    [self.workers[r].set_manager.remote(manager) for r in ranks], timeout=60
+                )
+                ray.get(peers_set, timeout=60)
+            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError) as error:
+                # The node is going after all, or its workers died: the watcher sees it and
+                # recovers, with the replacement wired in as this position's manager.
+                self.log(f"could not hand the new manager to position {position}: {error!r}")
+                self._wire_managers()
+                continue
+            floor = max(floors)
+            self._call_all(self.managers, "abandon_below", floor, timeout_s=30.0)
+            self._wire_managers()
             self.manager_restarts.append(
                 {
                     "position": position,
                     "step": self.max_step_seen,
+                    "first_version": floor,
                     "restart_s": time.perf_counter() - started,
                 }
             )
@@ -455,6 +480,12 @@ class JobController:
 
         started = time.perf_counter()
         version, source, detail = self._restore_point(failure)
+
+        if self.managers:
+            # Every manager addresses the current peers, and forgets what the dead attempt left
+            # in flight above the restored version (and any floor a manager restart set).
+            self._wire_managers()
+            self._call_all(self.managers, "resume_at", version or 0, timeout_s=30.0)
         rebuild_s = time.perf_counter() - started
 
         started = time.perf_counter()

@@ -142,6 +142,7 @@ class TrainWorker:
             "step": step,
             "idle_s": time.monotonic() - self.last_progress_s,
             "pending_fault": self._faults.pending if self._faults is not None else None,
+            "manager_lost": bool(self.agent is not None and self.agent.manager_lost),
             "records": self.records[cursor:],
             "cursor": len(self.records),
         }
@@ -150,10 +151,12 @@ class TrainWorker:
         if self._faults is not None:
             self._faults.release()
 
-    def set_manager(self, manager) -> None:
-        """The node's snapshot manager was replaced: snapshot into the new one from now on."""
-        if self.agent is not None:
-            self.agent.set_manager(manager)
+    def set_manager(self, manager) -> int:
+        """The node's snapshot manager was replaced: snapshot into the new one from now on.
+        Returns the first version sure to reach it (see SnapshotAgent.set_manager)."""
+        if self.agent is None:
+            return 0
+        return self.agent.set_manager(manager)
 
     def stop(self) -> None:
         self._stop.set()

@@ -135,6 +135,7 @@ class SnapshotAgent:
         self._regions: list[shm.Region] = []
         self._stream = None
         self._closed = False
+        self._next_manager: Any = None  # a replacement manager, taken up by the job thread
 
         trainer.after_step_hooks.append(self._after_step)
         trainer.before_optimizer_hooks.append(self._before_optimizer)
@@ -328,9 +329,24 @@ class SnapshotAgent:
         ]
         return [(group, future.result()) for group, future in zip(groups, futures)]
 
-    def set_manager(self, manager: Any) -> None:
-        """Snapshot into a replacement manager from now on (its slots are registered anew)."""
-        self.flush()
+    def set_manager(self, manager: Any) -> int:
+        """Snapshot into a replacement manager from the next version on.
+
+        Safe to call from any thread while training runs: the job thread, which handles
+        versions in order, switches over before its next version (and registers new slots),
+        so no copy is cut short and the trainer never waits for the switch. Returns the first
+        version that is sure to reach the new manager: every snapshot of a step after the
+        current one (the current step's may or may not).
+        """
+        with self._lock:
+            self._next_manager = manager
+            return int(getattr(self.trainer, "step", 0)) + 1
+
+    def _switch_manager(self) -> None:
+        with self._lock:
+            manager, self._next_manager = self._next_manager, None
+        if manager is None:
+            return
         for region in self._regions:
             region.close()
         self._regions = []
@@ -338,6 +354,7 @@ class SnapshotAgent:
         self.manager_lost = False
 
     def _run(self, job: _Job) -> None:
+        self._switch_manager()
         if self.manager_lost:
             # The node's manager died; the controller is starting a replacement. Training goes
             # on; the versions in between are simply not snapshotted here.

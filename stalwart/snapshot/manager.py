@@ -226,13 +226,7 @@ class SnapshotManager:
                 f"rank {rank} version {version}: {len(checksums)} checksums for "
                 f"{len(layout['entries'])} entries"
             )
-        announce_floor = False
         with self.cond:
-            if self.replacement and self.abandon_floor == 0:
-                # First version this replacement receives: older in-flight versions elsewhere
-                # lack this node's copy and can never commit.
-                self.abandon_floor = version
-                announce_floor = True
             state = self.versions.setdefault(version, VersionState())
             if version < self.abandon_floor:
                 state.failed = "abandoned: older than a replaced peer's first version"
@@ -241,10 +235,6 @@ class SnapshotManager:
             )
             complete = set(state.local) == set(self.ranks)
             self.cond.notify_all()
-        if announce_floor:
-            for position, peer in self.peers.items():
-                if position != self.position:
-                    peer.abandon_below.remote(version)
         if complete and version >= self.abandon_floor:
             self.encoder.submit(self._encode_and_announce, version)
 
@@ -260,10 +250,18 @@ class SnapshotManager:
             state = self.versions.get(version)
             return state is not None and set(state.local) == set(self.ranks)
 
+        def never() -> bool:  # a replacement manager never receives versions below its floor
+            return version < self.abandon_floor and not complete()
+
         with self.cond:
-            if not self.cond.wait_for(complete, self.wait_timeout_s):
+            if not self.cond.wait_for(lambda: complete() or never(), self.wait_timeout_s):
                 raise KeyError(
                     f"position {self.position} has no complete copy of version {version}"
+                )
+            if never():
+                raise KeyError(
+                    f"position {self.position} never received version {version}: it was "
+                    f"restarted and its first version is {self.abandon_floor}"
                 )
             state = self.versions[version]
             pieces = [
@@ -404,12 +402,30 @@ class SnapshotManager:
         return int(np.argmin(held))
 
     def abandon_below(self, floor: int) -> None:
-        """Versions older than `floor` can never commit (a replaced peer never saw them)."""
+        """Versions older than `floor` can never commit: a replaced manager (this one, or a
+        peer) never receives them. Waiters for them (`node_shard`, `acquire`) wake up now."""
         with self.cond:
             self.abandon_floor = max(self.abandon_floor, floor)
             for version, state in self.versions.items():
                 if version < floor and (self.committed is None or version > self.committed):
                     state.failed = "abandoned: older than a replaced peer's first version"
+            self.cond.notify_all()
+
+    def resume_at(self, version: int) -> None:
+        """The job restarts after `version`: versions above it that never committed belong to
+        the dead attempt (they will be published afresh), and no floor applies any more."""
+        with self.cond:
+            self.abandon_floor = 0
+            stale = [
+                v
+                for v in self.versions
+                if v > version and (self.committed is None or v > self.committed)
+            ]
+            for v in stale:
+                self._recycle(self.versions.pop(v))
+            for key, held in self.slot_versions.items():
+                if held in stale:
+                    self.slot_versions[key] = None
             self.cond.notify_all()
 
     def reset(self) -> None:

@@ -65,7 +65,8 @@ def parallelize(
     1 MiB, then 25 MiB) for every step of every incarnation, so recovery stays bit-identical at
     any world size. DDP only skips the rebuild when it searches for unused parameters, so this
     costs one traversal of the autograd graph per step (and DDP logs a one-time notice that no
-    unused parameter was found).
+    unused parameter was found). Two ranks need none of this: a sum of two numbers has one
+    order, so with two ranks DDP runs as it comes.
     """
     if strategy == "none" or not dist.is_initialized() or dist.get_world_size() == 1:
         return model
@@ -74,7 +75,9 @@ def parallelize(
 
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=fixed_buckets
+            model,
+            device_ids=device_ids,
+            find_unused_parameters=fixed_buckets and dist.get_world_size() > 2,
         )
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
