@@ -32,6 +32,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -110,10 +111,11 @@ class _Slot:
     param: nn.Parameter
     index: int  # position in model.parameters(): the order of the global norm
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the stored parameter: the fp32 master of a trainable one
     p_offset: int
     trainable: bool
-    state_offset: int = -1  # inside the exp_avg span (same inside exp_avg_sq), trainables only
+    state_offset: int = -1  # inside each optimizer-state set (master, exp_avg, exp_avg_sq)
+    compute_dtype: torch.dtype | None = None  # what forward/backward see (the p span's dtype)
 
     @property
     def numel(self) -> int:
@@ -126,6 +128,10 @@ class _Slot:
     def num_bytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    @property
+    def compute_bytes(self) -> int:
+        return self.numel * self.compute_dtype.itemsize
+
 
 @dataclass
 class _Unit:
@@ -135,8 +141,11 @@ class _Unit:
     slots: list[_Slot]
     is_block: bool = False
     persistent: bool = False
-    p_bytes: int = 0  # aligned span of all parameters
-    state_bytes: int = 0  # aligned span of one state tensor set (exp_avg or exp_avg_sq)
+    p_bytes: int = 0  # aligned span of all parameters as forward/backward see them
+    state_bytes: int = 0  # aligned span of one fp32 state set (master, exp_avg or exp_avg_sq)
+    # Sets in the optimizer span after the parameters: [exp_avg | exp_avg_sq] in fp32 training,
+    # [fp32 master | exp_avg | exp_avg_sq] with bf16 working parameters.
+    num_state_sets: int = 2
     version_offsets: tuple[int, int] = (0, 0)
     grad_offset: int = 0
     version: int = 0
@@ -163,11 +172,36 @@ class _Unit:
 
     @property
     def mv_bytes(self) -> int:
-        return 2 * self.state_bytes
+        return self.num_state_sets * self.state_bytes
+
+    @property
+    def has_master(self) -> bool:
+        return self.num_state_sets == 3
+
+    def state_set_offset(self, kind: str) -> int:
+        """Offset of a state set inside the optimizer span (after the parameter span)."""
+        position = {"master": 0, "exp_avg": 1, "exp_avg_sq": 2}[kind] - (3 - self.num_state_sets)
+        assert position >= 0, f"no {kind} set in a unit with {self.num_state_sets} state sets"
+        return position * self.state_bytes
 
     @property
     def working_set_bytes(self) -> int:
         return self.p_bytes + self.mv_bytes + self.state_bytes
+
+
+@dataclass(frozen=True)
+class _Region:
+    """One tensor of the committed state in the store."""
+
+    name: str  # checkpoint entry name: "param/...", "compute/...", "exp_avg/...", "exp_avg_sq/..."
+    slot: _Slot
+    store_offset: int
+    kind: str
+    dtype: torch.dtype
+
+    @property
+    def num_bytes(self) -> int:
+        return self.slot.numel * self.dtype.itemsize
 
 
 @dataclass
@@ -231,6 +265,7 @@ class OffloadEngine:
         optimizer_kernel: str | None = None,
         prefetch_depth: int | None = None,
         activation_target: str | None = None,
+        precision: str | None = None,
     ):
         device_kind = offload_config.device
         if device_kind not in ("cpu", "nvme"):
@@ -238,6 +273,14 @@ class OffloadEngine:
                 f"offload.device={device_kind!r}: the offload engine needs 'cpu' or 'nvme' "
                 "(use the ordinary trainer for 'none')"
             )
+        precision = precision or getattr(offload_config, "precision", None) or "fp32"
+        if precision not in _COMPUTE_DTYPES:
+            raise ValueError(
+                f"precision={precision!r}: the offload engine trains in one of "
+                f"{sorted(_COMPUTE_DTYPES)} (trainer.precision)"
+            )
+        self.precision = precision
+        self.compute_dtype = _COMPUTE_DTYPES[precision]
         self.model = model
         self.config = offload_config
         self.loss_fn = loss_fn
@@ -246,6 +289,9 @@ class OffloadEngine:
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         )
         self.settings = AdamWSettings.from_config(optim_config)
+        # Looks like a torch optimizer's to LR schedules: train_step reads the LR from here.
+        self.param_groups = [{"lr": float(getattr(optim_config, "lr", 1e-3) or 1e-3)}]
+        self._on_phase: Callable[[str], None] = lambda _phase: None
         kernel = optimizer_kernel or getattr(offload_config, "optimizer_kernel", "auto")
         self.optimizer = OutOfCoreAdamW(self.settings, kernel)
         self.max_host_bytes = int(float(offload_config.max_host_memory_gb) * GIB)
@@ -279,7 +325,7 @@ class OffloadEngine:
                     "stalwart.offload.engine.empty_parameters() so that only parameters are empty"
                 )
         self.units = self._build_units(model)
-        self._check_dtypes()
+        self._assign_dtypes()
         self._layout_and_budget(offload_config, aio_backend)
         if prefetch_depth is None:
             prefetch_depth = getattr(offload_config, "prefetch_depth", None)
@@ -379,24 +425,37 @@ class OffloadEngine:
     def _slot(name: str, param: nn.Parameter, index: int) -> _Slot:
         return _Slot(name, param, index, tuple(param.shape), param.dtype, 0, param.requires_grad)
 
-    def _check_dtypes(self) -> None:
+    def _assign_dtypes(self) -> None:
+        """fp32: parameters are stored and computed in float32. bf16: forward and backward see
+        bfloat16 working copies; trainable parameters keep a float32 master next to their AdamW
+        state, which only the optimizer reads (DeepSpeed's and Megatron's mixed precision)."""
+        mixed = self.compute_dtype != torch.float32
         for unit in self.units:
-            for slot in unit.trainable:
-                if slot.dtype != torch.float32:
+            for slot in unit.slots:
+                if slot.trainable and slot.dtype not in (torch.float32, self.compute_dtype):
                     raise ValueError(
-                        f"parameter {slot.name} is {slot.dtype}; the offload engine trains float32 "
-                        "parameters (load the model with dtype=float32)"
+                        f"parameter {slot.name} is {slot.dtype}; the offload engine trains "
+                        f"float32 parameters (or {self.compute_dtype} ones with precision "
+                        f"{self.precision}): load the model with dtype=float32"
                     )
+                floating = slot.dtype.is_floating_point
+                slot.compute_dtype = self.compute_dtype if mixed and floating else slot.dtype
+                if slot.trainable:
+                    slot.dtype = torch.float32  # the master copy (the parameter itself in fp32)
+                else:
+                    slot.dtype = slot.compute_dtype
+            if mixed and unit.trainable:
+                unit.num_state_sets = 3
 
     def _layout_and_budget(self, offload_config, aio_backend: str) -> None:
         for unit in self.units:
             p_bytes = state_bytes = 0
             for slot in unit.slots:
                 slot.p_offset = p_bytes
-                p_bytes += align_up(slot.num_bytes, _TENSOR_ALIGNMENT)
+                p_bytes += align_up(slot.compute_bytes, _TENSOR_ALIGNMENT)
                 if slot.trainable:
                     slot.state_offset = state_bytes
-                    state_bytes += align_up(slot.num_bytes, _TENSOR_ALIGNMENT)
+                    state_bytes += align_up(slot.numel * 4, _TENSOR_ALIGNMENT)
             unit.p_bytes = align_up(p_bytes)
             unit.state_bytes = align_up(state_bytes) if state_bytes else 0
 
@@ -432,10 +491,15 @@ class OffloadEngine:
 
         if offload_config.device == "nvme":
             root = check_nvme_path(offload_config.nvme_path)
+            _remove_abandoned_directories(root)
             self.nvme_directory = os.path.join(
                 root, f"stalwart-offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             )
             os.makedirs(self.nvme_directory)
+            # The directory goes when the engine does, even if close() is never called.
+            self._cleanup = weakref.finalize(
+                self, shutil.rmtree, self.nvme_directory, ignore_errors=True
+            )
         else:
             self.nvme_directory = None
         self.aio = make_aio(
@@ -477,7 +541,13 @@ class OffloadEngine:
             buffer = self.pool.acquire(unit.p_bytes + unit.mv_bytes)
             buffer.tensor.zero_()
             for slot in unit.slots:
-                target = buffer.view(slot.dtype, slot.p_offset, slot.numel, slot.shape)
+                working = buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, slot.shape)
+                if unit.has_master and slot.trainable:
+                    target = self._master_view(unit, buffer, slot, base=unit.p_bytes)
+                elif slot.compute_dtype != slot.param.dtype:
+                    target = torch.empty(slot.shape, dtype=slot.param.dtype)
+                else:
+                    target = working
                 param = slot.param
                 if param.is_meta or param.numel() == 0:
                     if init_fn is None:
@@ -486,6 +556,8 @@ class OffloadEngine:
                         init_fn(slot.name, target)
                 else:
                     target.copy_(param.detach())
+                if target is not working:
+                    working.copy_(target)  # round to the working dtype (nearest even)
             self.store.write_span(
                 unit.version_offsets[0], unit.p_bytes + unit.mv_bytes, buffer
             ).result()
@@ -502,7 +574,7 @@ class OffloadEngine:
             owner_name, _, attr = slot.name.rpartition(".")
             owner = self.model.get_submodule(owner_name) if owner_name else self.model
             replacement = nn.Parameter(
-                _placeholder(slot.dtype, self.compute_device), requires_grad=slot.trainable
+                _placeholder(slot.compute_dtype, self.compute_device), requires_grad=slot.trainable
             )
             setattr(owner, attr, replacement)
             slot.param = replacement
@@ -511,7 +583,7 @@ class OffloadEngine:
                     if other.param is param:
                         other.param = replacement
             return
-        param.data = _placeholder(slot.dtype, self.compute_device)
+        param.data = _placeholder(slot.compute_dtype, self.compute_device)
         param.grad = None
 
     def _install_hooks(self) -> None:
@@ -561,7 +633,7 @@ class OffloadEngine:
         if not unit.attached:
             unit.attached = True
             for slot in unit.slots:
-                view = unit.p_buffer.view(slot.dtype, slot.p_offset, slot.numel, slot.shape)
+                view = unit.p_buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, slot.shape)
                 if self.compute_device.type != "cpu":
                     view = view.to(self.compute_device, non_blocking=True)
                 slot.param.data = view
@@ -569,7 +641,7 @@ class OffloadEngine:
     def _release(self, unit: _Unit) -> None:
         unit.attached = False
         for slot in unit.slots:
-            slot.param.data = _placeholder(slot.dtype, self.compute_device)
+            slot.param.data = _placeholder(slot.compute_dtype, self.compute_device)
         if unit.p_buffer is not None:
             if unit.p_future is not None:
                 unit.p_future.result()
@@ -799,7 +871,7 @@ class OffloadEngine:
         g_buffer = unit.g_buffer
         unit.p_buffer = unit.mv_buffer = unit.mv_future = unit.g_buffer = unit.g_future = None
         for slot in unit.slots:
-            slot.param.data = _placeholder(slot.dtype, self.compute_device)
+            slot.param.data = _placeholder(slot.compute_dtype, self.compute_device)
         unit.attached = False
         if not updated:
             for buffer in (p_buffer, mv_buffer, g_buffer):
@@ -816,22 +888,7 @@ class OffloadEngine:
                     mv_future.result()
                 grads = [grad for _, grad in updated]
                 slots = [slot for slot, _ in updated]
-                self.optimizer.update(
-                    [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots],
-                    grads,
-                    [
-                        mv_buffer.view(torch.float32, s.state_offset, s.numel, s.shape)
-                        for s in slots
-                    ],
-                    [
-                        mv_buffer.view(
-                            torch.float32, unit.state_bytes + s.state_offset, s.numel, s.shape
-                        )
-                        for s in slots
-                    ],
-                    [self.param_steps[s.name] + 1 for s in slots],
-                    lr,
-                )
+                self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
                 del grads
                 offset = unit.version_offsets[target]
                 write_p = self.store.write_span(offset, unit.p_bytes, p_buffer)
@@ -853,6 +910,40 @@ class OffloadEngine:
             holders.append(write_g)
         _release_after(g_buffer, holders)
 
+    @staticmethod
+    def _master_view(unit: _Unit, buffer, slot: _Slot, base: int = 0) -> torch.Tensor:
+        offset = base + unit.state_set_offset("master") + slot.state_offset
+        return buffer.view(torch.float32, offset, slot.numel, slot.shape)
+
+    def _update(self, unit: _Unit, slots: list[_Slot], grads, p_buffer, mv_buffer, lr) -> None:
+        """AdamW on one unit's host buffers; with a master, refresh the working copies from it."""
+        started = time.perf_counter()
+
+        def state(kind: str) -> list[torch.Tensor]:
+            offset = unit.state_set_offset(kind)
+            return [
+                mv_buffer.view(torch.float32, offset + s.state_offset, s.numel, s.shape)
+                for s in slots
+            ]
+
+        if unit.has_master:
+            params = state("master")
+        else:
+            params = [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots]
+        self.optimizer.update(
+            params,
+            grads,
+            state("exp_avg"),
+            state("exp_avg_sq"),
+            [self.param_steps[s.name] + 1 for s in slots],
+            lr,
+        )
+        if unit.has_master:
+            working = [p_buffer.view(s.compute_dtype, s.p_offset, s.numel, s.shape) for s in slots]
+            for target, master in zip(working, params):
+                target.copy_(master)  # round to nearest even, as master.to(dtype)
+        self._stats["optimizer_s"] += time.perf_counter() - started
+
     def _optimizer_sweep(self, clip_coef: torch.Tensor | None) -> None:
         """This step's updates from the committed state and the stored gradients (clipped by
         `clip_coef` if given): the redo of a clipped speculative step, or the deferred step."""
@@ -865,10 +956,13 @@ class OffloadEngine:
             mv_buffer = self.pool.acquire(unit.mv_bytes)
             g_buffer = self.pool.acquire(unit.state_bytes)
             reads = [
-                self.store.read_span(base, unit.p_bytes, p_buffer),
                 self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer),
                 self.store.read_span(unit.grad_offset, unit.state_bytes, g_buffer),
             ]
+            # With a master, the sweep rewrites the working copies from it: no need to read them
+            # unless some of the unit's parameters are not updated this step.
+            if not unit.has_master or len(unit.updated_slots) < len(unit.slots):
+                reads.append(self.store.read_span(base, unit.p_bytes, p_buffer))
             return unit, p_buffer, mv_buffer, g_buffer, reads
 
         for position, _ in enumerate(units):
@@ -881,19 +975,7 @@ class OffloadEngine:
             grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
             if clip_coef is not None:
                 torch._foreach_mul_(grads, clip_coef)
-            self.optimizer.update(
-                [p_buffer.view(s.dtype, s.p_offset, s.numel, s.shape) for s in slots],
-                grads,
-                [mv_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots],
-                [
-                    mv_buffer.view(
-                        torch.float32, unit.state_bytes + s.state_offset, s.numel, s.shape
-                    )
-                    for s in slots
-                ],
-                [self.param_steps[s.name] + 1 for s in slots],
-                self._lr,
-            )
+            self._update(unit, slots, grads, p_buffer, mv_buffer, self._lr)
             del grads
             g_buffer.release()
             offset = unit.version_offsets[1 - unit.version]
@@ -911,24 +993,42 @@ class OffloadEngine:
     def _backward_order(self) -> list[_Unit]:
         return list(reversed(self._trace))
 
-    def train_step(self, micro_batches: Sequence[tuple], lr: float) -> dict:
-        """Forward, backward and AdamW over `micro_batches` (gradients averaged); see module doc."""
+    def train_step(
+        self,
+        micro_batches: Sequence[tuple],
+        lr: float | None = None,
+        *,
+        on_phase: Callable[[str], None] | None = None,
+    ) -> dict:
+        """Forward, backward and AdamW over `micro_batches` (gradients averaged); see module doc.
+
+        `lr` defaults to `param_groups[0]["lr"]`, which an LR schedule written for torch
+        optimizers sets. `on_phase("backward")` runs before the last micro-batch's backward and
+        `on_phase("optimizer")` once the global norm is known, before the step commits."""
         if not micro_batches:
             raise ValueError("train_step needs at least one (inputs, targets) micro-batch")
+        if lr is None:
+            lr = self.param_groups[0]["lr"]
+        self._on_phase = on_phase or (lambda _phase: None)
         start = time.perf_counter()
         measured_peak = reset_peak_rss()
         read_before, written_before = self.store.bytes_read, self.store.bytes_written
-        self._stats = {"wait_s": 0.0}
+        self._stats = dict.fromkeys(
+            ("wait_s", "forward_s", "backward_s", "optimizer_s", "sweep_s", "drain_s"), 0.0
+        )
         self._lr = float(lr)
         deferred = self._defer = self.settings.grad_clip > 0 and self._last_decision == "clip"
         loss, norm = self._run_pass(micro_batches)
+        self._on_phase("optimizer")
         decision = step_decision(norm, self.settings.grad_clip)
         redone = False
+        sweep_started = time.perf_counter()
         if decision == "clip":
             self._optimizer_sweep(clip_coefficient(norm, self.settings.grad_clip))
             redone = not deferred
         elif decision == "commit" and deferred:
             self._optimizer_sweep(None)
+        self._stats["sweep_s"] = time.perf_counter() - sweep_started
         self._last_decision = decision
         self._defer = False
         if decision == "skip":
@@ -946,6 +1046,13 @@ class OffloadEngine:
             "bytes_read": self.store.bytes_read - read_before,
             "bytes_written": self.store.bytes_written - written_before,
             "io_wait_s": self._stats["wait_s"],
+            # Where the step's time went (wall seconds on the training thread, except
+            # optimizer_s: AdamW kernel time on the optimizer thread, overlapped with backward).
+            "forward_s": self._stats["forward_s"],
+            "backward_s": self._stats["backward_s"],
+            "drain_s": self._stats["drain_s"],
+            "sweep_s": self._stats["sweep_s"],
+            "optimizer_s": self._stats["optimizer_s"],
             "step_time_s": time.perf_counter() - start,
             "pool_peak_bytes": self.pool.peak_bytes,
             "peak_rss_bytes": peak_rss_bytes() if measured_peak else None,
@@ -973,6 +1080,7 @@ class OffloadEngine:
                 state_bytes=unit.state_bytes,
                 is_block=unit.is_block,
                 checkpoint_bytes=self._checkpoint_bytes.get(unit.index, 0),
+                num_state_sets=unit.num_state_sets,
             )
             for unit in self.units
         ]
@@ -982,13 +1090,17 @@ class OffloadEngine:
         self.pool.shrink()
         key = (
             self.compute_device.type,
+            self.compute_dtype,
             self.config.device,
             self.aio.name,
             os.path.dirname(self.nvme_directory or ""),
         )
         if key not in _MACHINES:
             _MACHINES[key] = measure_machine(
-                self.aio if self.nvme_directory else None, self.nvme_directory, self.compute_device
+                self.aio if self.nvme_directory else None,
+                self.nvme_directory,
+                self.compute_device,
+                self.compute_dtype,
             )
         self.machine = _MACHINES[key]
         device_bytes = (
@@ -1040,13 +1152,19 @@ class OffloadEngine:
                 for unit in persistent:
                     self._make_resident(unit)
                 self._phase = "forward"
+                started = time.perf_counter()
                 outputs = self.model(_to_device(inputs, self.compute_device))
                 loss = self.loss_fn(outputs, _to_device(targets, self.compute_device)) / len(
                     micro_batches
                 )
                 del outputs
                 self._phase = "backward"
+                if self._last_microbatch:
+                    self._on_phase("backward")
+                backward_started = time.perf_counter()
+                self._stats["forward_s"] += backward_started - started
                 loss.backward()
+                self._stats["backward_s"] += time.perf_counter() - backward_started
                 self._traced = True
                 total_loss += float(loss.detach())
                 del loss
@@ -1054,7 +1172,9 @@ class OffloadEngine:
         finally:
             self._phase = "idle"
             self._checkpoint_calls.clear()
+        started = time.perf_counter()
         self._drain()
+        self._stats["drain_s"] += time.perf_counter() - started
         for unit in self.units:
             if unit.provisional:
                 # The first step showed whether the unit's own forward runs; if it does, stream it.
@@ -1135,49 +1255,64 @@ class OffloadEngine:
     # ------------------------------------------------------------------------------------------
     # inspection, checkpoints, export
 
-    def _regions(self) -> list[tuple[str, _Slot, int, str]]:
-        """(entry name, slot, store offset, kind) for every tensor of the committed state."""
+    def _regions(self) -> list[_Region]:
+        """Every tensor of the committed state: parameters (the fp32 master where there is one),
+        AdamW state and, with bf16 working parameters, the working copies ("compute/")."""
         regions = []
         for unit in self.units:
             base = unit.version_offsets[unit.version]
             for slot in unit.slots:
-                regions.append((f"param/{slot.name}", slot, base + slot.p_offset, "param"))
+                if unit.has_master and slot.trainable:
+                    master = base + unit.p_bytes + unit.state_set_offset("master")
+                    regions.append(
+                        _Region(
+                            f"param/{slot.name}",
+                            slot,
+                            master + slot.state_offset,
+                            "param",
+                            slot.dtype,
+                        )
+                    )
+                    regions.append(
+                        _Region(
+                            f"compute/{slot.name}",
+                            slot,
+                            base + slot.p_offset,
+                            "compute",
+                            slot.compute_dtype,
+                        )
+                    )
+                else:
+                    regions.append(
+                        _Region(
+                            f"param/{slot.name}", slot, base + slot.p_offset, "param", slot.dtype
+                        )
+                    )
             for slot in unit.trainable:
-                regions.append(
-                    (
-                        f"exp_avg/{slot.name}",
-                        slot,
-                        base + unit.p_bytes + slot.state_offset,
-                        "exp_avg",
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    offset = base + unit.p_bytes + unit.state_set_offset(kind) + slot.state_offset
+                    regions.append(
+                        _Region(f"{kind}/{slot.name}", slot, offset, kind, torch.float32)
                     )
-                )
-                regions.append(
-                    (
-                        f"exp_avg_sq/{slot.name}",
-                        slot,
-                        base + unit.p_bytes + unit.state_bytes + slot.state_offset,
-                        "exp_avg_sq",
-                    )
-                )
         return regions
 
     def _layout(self) -> tuple[dict, list[tuple[int, int, int]]]:
         entries, spans, offset = [], [], 0
-        for name, slot, store_offset, _ in self._regions():
-            dtype = str(slot.dtype).removeprefix("torch.")
+        for region in self._regions():
             entries.append(
                 {
-                    "name": name,
-                    "dtype": dtype,
-                    "shape": list(slot.shape),
+                    "name": region.name,
+                    "dtype": str(region.dtype).removeprefix("torch."),
+                    "shape": list(region.slot.shape),
                     "offset": offset,
-                    "nbytes": slot.num_bytes,
+                    "nbytes": region.num_bytes,
                 }
             )
-            spans.append((offset, slot.num_bytes, store_offset))
-            offset += slot.num_bytes
+            spans.append((offset, region.num_bytes, region.store_offset))
+            offset += region.num_bytes
         extra = {
             "format": CHECKPOINT_FORMAT,
+            "precision": self.precision,
             "step_count": self.step_count,
             "param_steps": dict(self.param_steps),
         }
@@ -1215,45 +1350,101 @@ class OffloadEngine:
             raise ValueError(
                 f"offload shard format {extra.get('format')!r} is not {CHECKPOINT_FORMAT!r}"
             )
+        saved_precision = extra.get("precision", "fp32")
+        if saved_precision != self.precision:
+            raise ValueError(
+                f"the offload checkpoint was written with precision {saved_precision!r}, this engine "
+                f"trains with {self.precision!r}: resume with trainer.precision={saved_precision}"
+            )
         by_name = {entry["name"]: entry for entry in layout["entries"]}
         regions = self._regions()
-        missing = [name for name, *_ in regions if name not in by_name]
+        missing = [region.name for region in regions if region.name not in by_name]
         if missing:
             raise ValueError(f"offload checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
         chunk = bytearray(
-            min(_CHECKPOINT_CHUNK_BYTES, max((s.num_bytes for _, s, _, _ in regions), default=1))
+            min(_CHECKPOINT_CHUNK_BYTES, max((r.num_bytes for r in regions), default=1))
         )
         view = memoryview(chunk)
-        for name, slot, store_offset, _ in regions:
-            entry = by_name[name]
-            if tuple(entry["shape"]) != slot.shape or entry["dtype"] != str(
-                slot.dtype
-            ).removeprefix("torch."):
+        for region in regions:
+            entry = by_name[region.name]
+            dtype_name = str(region.dtype).removeprefix("torch.")
+            if tuple(entry["shape"]) != region.slot.shape or entry["dtype"] != dtype_name:
                 raise ValueError(
-                    f"checkpoint tensor {name} is {entry['dtype']}{entry['shape']}, the model has "
-                    f"{slot.dtype}{list(slot.shape)}"
+                    f"checkpoint tensor {region.name} is {entry['dtype']}{entry['shape']}, the "
+                    f"model has {dtype_name}{list(region.slot.shape)}"
                 )
             done = 0
-            while done < slot.num_bytes:
-                length = min(len(chunk), slot.num_bytes - done)
+            while done < region.num_bytes:
+                length = min(len(chunk), region.num_bytes - done)
                 shard.read_into(entry["offset"] + done, view[:length])
-                self.store.pwrite(store_offset + done, view[:length])
+                self.store.pwrite(region.store_offset + done, view[:length])
                 done += length
         self.step_count = int(extra.get("step_count", 0))
         self.param_steps.update({k: int(v) for k, v in extra.get("param_steps", {}).items()})
 
     @torch.no_grad()
-    def gather_parameters(self) -> dict[str, torch.Tensor]:
-        """Every parameter as a host tensor (loads the whole model: tests and small models only)."""
+    def gather_parameters(self, *, working_copies: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter as a host tensor (loads the whole model: tests and small models only):
+        the fp32 masters, or with `working_copies` what forward and backward see."""
         result = {}
-        for name, slot, store_offset, _ in self._regions():
-            if name.startswith("param/"):
-                target = torch.empty(slot.shape, dtype=slot.dtype)
-                self.store.pread(
-                    store_offset, memoryview(target.view(-1).view(torch.uint8).numpy())
-                )
-                result[slot.name] = target
+        for region in self._regions():  # a slot's "compute/" region follows its "param/" one
+            if region.kind == "param" or (working_copies and region.kind == "compute"):
+                result[region.slot.name] = self._read_region(region)
         return result
+
+    def _read_region(self, region: _Region) -> torch.Tensor:
+        target = torch.empty(region.slot.shape, dtype=region.dtype)
+        self.store.pread(region.store_offset, memoryview(target.view(-1).view(torch.uint8).numpy()))
+        return target
+
+    @torch.no_grad()
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """AdamW state per parameter name, shaped like torch.optim.AdamW's (host tensors)."""
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        for region in self._regions():
+            if region.kind in ("exp_avg", "exp_avg_sq"):
+                name = region.slot.name
+                entry = state.setdefault(
+                    name, {"step": torch.tensor(float(self.param_steps[name]))}
+                )
+                entry[region.kind] = self._read_region(region)
+        return {name: entry for name, entry in state.items() if entry["step"] > 0}
+
+    @torch.no_grad()
+    def load_parameters_and_state(
+        self, params: Mapping[str, torch.Tensor], optim: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> None:
+        """Write parameters (fp32 masters) and AdamW state into the committed version; working
+        copies are rounded from the masters. A parameter without optimizer state starts fresh."""
+        if self._phase != "idle":
+            raise RuntimeError("load_parameters_and_state() must be called between training steps")
+        missing = [
+            r.slot.name for r in self._regions() if r.kind == "param" and r.slot.name not in params
+        ]
+        if missing:
+            raise ValueError(f"state has no values for parameters {sorted(missing)[:5]}")
+        for region in self._regions():
+            name = region.slot.name
+            if region.kind == "param":
+                source = params[name]
+            elif region.kind == "compute":
+                source = params[name].to(region.dtype)
+            else:
+                entry = optim.get(name)
+                source = entry[region.kind] if entry else torch.zeros(region.slot.shape)
+            source = source.detach().to("cpu", region.dtype).contiguous()
+            if tuple(source.shape) != region.slot.shape:
+                raise ValueError(
+                    f"{region.name}: state has shape {tuple(source.shape)}, the model "
+                    f"{region.slot.shape}"
+                )
+            self.store.pwrite(
+                region.store_offset, memoryview(source.view(-1).view(torch.uint8).numpy())
+            )
+        for unit in self.units:
+            for slot in unit.trainable:
+                entry = optim.get(slot.name)
+                self.param_steps[slot.name] = int(float(entry["step"])) if entry else 0
 
     def export_safetensors(
         self, path: str | os.PathLike, metadata: dict[str, str] | None = None
@@ -1265,15 +1456,15 @@ class OffloadEngine:
             torch.float16: "F16",
             torch.int64: "I64",
         }
-        params = [(slot, off) for name, slot, off, kind in self._regions() if kind == "param"]
+        params = [region for region in self._regions() if region.kind == "param"]
         header, offset = {}, 0
-        for slot, _ in params:
-            header[slot.name] = {
-                "dtype": dtype_codes[slot.dtype],
-                "shape": list(slot.shape),
-                "data_offsets": [offset, offset + slot.num_bytes],
+        for region in params:
+            header[region.slot.name] = {
+                "dtype": dtype_codes[region.dtype],
+                "shape": list(region.slot.shape),
+                "data_offsets": [offset, offset + region.num_bytes],
             }
-            offset += slot.num_bytes
+            offset += region.num_bytes
         if metadata:
             header["__metadata__"] = metadata
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -1284,11 +1475,11 @@ class OffloadEngine:
             handle.write(encoded)
             chunk = bytearray(_CHECKPOINT_CHUNK_BYTES)
             view = memoryview(chunk)
-            for slot, store_offset in params:
+            for region in params:
                 done = 0
-                while done < slot.num_bytes:
-                    length = min(len(chunk), slot.num_bytes - done)
-                    self.store.pread(store_offset + done, view[:length])
+                while done < region.num_bytes:
+                    length = min(len(chunk), region.num_bytes - done)
+                    self.store.pread(region.store_offset + done, view[:length])
                     handle.write(view[:length])
                     done += length
             handle.flush()
@@ -1324,6 +1515,23 @@ class OffloadEngine:
 
 
 _MACHINES: dict[tuple, Machine] = {}
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _remove_abandoned_directories(root: str) -> None:
+    """Remove store directories whose process is gone (killed before it could clean up)."""
+    for entry in os.scandir(root):
+        parts = entry.name.split("-")
+        if len(parts) != 4 or parts[:2] != ["stalwart", "offload"] or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left behind by process %d", entry.path, pid)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _num_tokens(inputs) -> int:

@@ -57,6 +57,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eos-id", type=int, default=None, help="EOS id for Parquet files not written by stalwart"
     )
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="bf16: bf16 working parameters with fp32 master weights and AdamW state (DeepSpeed's "
+        "bf16 mode); fp32: everything in float32, bit-identical to in-memory AdamW",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default="runs/finetune")
     parser.add_argument(
@@ -168,6 +175,7 @@ def run_finetune(args) -> dict:
         loss_fn=causal_lm_loss,
         run_dir=run_dir,
         init_fn=streaming_initializer(model_dir),
+        precision=args.precision,
     )
     start = 0
     if args.resume:

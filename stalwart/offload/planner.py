@@ -6,8 +6,8 @@ aio back-end the engine uses (O_DIRECT, so the page cache does not flatter the d
 
 Model (`plan_offload`), per step with T tokens and the engine's byte counts per unit:
 - compute: 2 FLOPs per parameter and token forward, 4 backward, 2 more to recompute each block;
-- NVMe: parameters read twice (forward and backward), AdamW state read once, parameters and
-  state written once, gradients written once when clipping is on (and twice more per extra
+- NVMe: parameters read twice (forward and backward), AdamW state (and the fp32 master, with
+  bf16 working parameters) read once, parameters and state written once, gradients written once when clipping is on (and twice more per extra
   micro-batch for accumulation), plus every swapped checkpoint written and read;
 - host memory: the optimizer touches about 36 bytes per parameter (DeepSpeed's and LoHan's
   accounting: P, G, m, v read, P, m, v written, gradient copy).
@@ -56,9 +56,11 @@ class Machine:
         return ", ".join(parts)
 
 
-def _matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 4) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def _matmul_flops_per_s(
+    device: torch.device, size: int = 1024, repeats: int = 4, dtype: torch.dtype = torch.float32
+) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)  # warm up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -83,10 +85,14 @@ def _copy_bytes_per_s(source: torch.Tensor, target: torch.Tensor, repeats: int =
 
 
 def measure_machine(
-    aio: AioBackend | None, directory: str | None, compute_device: torch.device
+    aio: AioBackend | None,
+    directory: str | None,
+    compute_device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Machine:
-    """Measure compute, memory and NVMe bandwidths (about a second)."""
-    flops = _matmul_flops_per_s(compute_device)
+    """Measure compute (matmuls in the dtype the model computes in), memory and NVMe
+    bandwidths (about a second)."""
+    flops = _matmul_flops_per_s(compute_device, dtype=compute_dtype)
     host = torch.empty(16 << 20, dtype=torch.uint8)
     host_copy = _copy_bytes_per_s(host, torch.empty_like(host))
     host_to_device = None
@@ -111,9 +117,10 @@ class UnitCost:
     name: str
     num_params: int
     param_bytes: int
-    state_bytes: int  # one of exp_avg / exp_avg_sq / gradient
+    state_bytes: int  # one fp32 set: exp_avg / exp_avg_sq / gradient / master
     is_block: bool
     checkpoint_bytes: int = 0  # the block's input for the planned batch
+    num_state_sets: int = 2  # exp_avg, exp_avg_sq (+ the fp32 master with bf16 parameters)
 
 
 @dataclass
@@ -184,15 +191,16 @@ def plan_offload(
 
     param_bytes = sum(u.param_bytes for u in units)
     state_bytes = sum(u.state_bytes for u in units)
+    optimizer_bytes = sum(u.num_state_sets * u.state_bytes for u in units)
     extra_micro = max(num_microbatches - 1, 0)
     read_bytes = (
         num_microbatches * 2 * param_bytes
-        + 2 * state_bytes
+        + optimizer_bytes
         + extra_micro * state_bytes
         + swap_bytes
     )
     written_bytes = (
-        param_bytes + 2 * state_bytes + (state_bytes if clipping else 0) + extra_micro * state_bytes
+        param_bytes + optimizer_bytes + (state_bytes if clipping else 0) + extra_micro * state_bytes
     )
     written_bytes += swap_bytes
     nvme_s = (
@@ -201,8 +209,8 @@ def plan_offload(
     host_s = 36 * num_params / machine.host_copy_bytes_per_s
     lower_bound_s = max(compute_s, nvme_s, host_s)
 
-    largest = max(units, key=lambda u: u.param_bytes + 3 * u.state_bytes)
-    working_set = largest.param_bytes + 3 * largest.state_bytes
+    largest = max(units, key=lambda u: u.param_bytes + (u.num_state_sets + 1) * u.state_bytes)
+    working_set = largest.param_bytes + (largest.num_state_sets + 1) * largest.state_bytes
     candidates: dict[int, float] = {}
     for depth in range(0, max(max_buffer_count, 1)):
         if depth and working_set * 2 + depth * largest.param_bytes > pool_budget_bytes:

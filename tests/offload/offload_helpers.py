@@ -102,3 +102,50 @@ def reference_train(model, steps, optim: OptimConfig, lrs) -> list[dict]:
 
 def named_parameters(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def reference_train_mixed(model, steps, optim: OptimConfig, lrs, dtype=torch.bfloat16):
+    """The mixed-precision steps in memory: forward and backward on `dtype` working parameters,
+    gradients summed over micro-batches in fp32, clip_grad_norm_ and fused AdamW on fp32 master
+    copies, working parameters rounded from the masters after each step.
+
+    Returns the fp32 masters by name (the model's parameters hold the working copies)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    masters = {n: p.detach().clone().float() for n, p in named}
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    decay = [masters[n] for n, p in named if p.dim() >= 2]
+    no_decay = [masters[n] for n, p in named if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lrs[0],
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        fused=True,
+    )
+    for micro_batches, lr in zip(steps, lrs):
+        for inputs, targets in micro_batches:
+            loss = lm_loss(model(inputs), targets) / len(micro_batches)
+            loss.backward()
+            for name, parameter in named:
+                if parameter.grad is None:
+                    continue
+                master = masters[name]
+                if master.grad is None:
+                    master.grad = parameter.grad.float()
+                else:
+                    master.grad.add_(parameter.grad.float())
+                parameter.grad = None
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(masters.values()), optim.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, parameter in named:
+                parameter.copy_(masters[name])
+    return masters

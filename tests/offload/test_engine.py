@@ -11,6 +11,7 @@ from offload_helpers import (
     offload_config,
     optim_config,
     reference_train,
+    reference_train_mixed,
     tiny_gpt,
     tiny_llama,
 )
@@ -144,3 +145,135 @@ def test_non_finite_gradients_skip_the_step(tmp_path):
         before["blocks.0.attn.wq.weight"], engine.gather_parameters()["blocks.0.attn.wq.weight"]
     )
     engine.close()
+
+
+@pytest.mark.parametrize(
+    "grad_clip, num_micro",
+    [(0.0, 2), (0.05, 1), (0.05, 2)],
+    ids=["no-clip-2-micro", "clip-every-step", "clip-every-step-2-micro"],
+)
+def test_bf16_working_parameters_bit_identical_to_in_memory_mixed_precision(
+    tmp_path, grad_clip, num_micro
+):
+    """bf16 forward/backward, fp32 master + AdamW state on NVMe: the same bits as the same
+    mixed-precision math in memory (masters and bf16 working copies)."""
+    optim = optim_config(grad_clip=grad_clip)
+    steps = batches(3, num_micro=num_micro, vocab=259)
+    lrs = [1e-2, 5e-3, 2e-3]
+    reference = tiny_gpt()
+    masters = reference_train_mixed(reference, steps, optim, lrs)
+    engine, history, params = _train_offloaded(
+        tiny_gpt(),
+        tmp_path,
+        steps,
+        optim,
+        lrs,
+        optimizer_kernel="torch",
+        precision="bf16",
+        aio_backend="threadpool",
+    )
+    assert all(p.dtype == torch.float32 for p in params.values())
+    _assert_identical(masters, params)
+    working = engine.gather_parameters(working_copies=True)
+    assert all(p.dtype == torch.bfloat16 for p in working.values())
+    _assert_identical(named_parameters(reference), working)
+    if grad_clip:
+        assert history[0]["redone"] and all(step["deferred"] for step in history[1:])
+    engine.close()
+
+
+def test_bf16_hf_llama_bit_identical_to_in_memory_mixed_precision(tmp_path):
+    optim = optim_config(grad_clip=1.0)
+    steps = batches(2, num_micro=1, vocab=96)
+    lrs = [1e-2, 1e-2]
+    reference = tiny_llama()
+    masters = reference_train_mixed(reference, steps, optim, lrs)
+    engine, _, params = _train_offloaded(
+        tiny_llama(),
+        tmp_path,
+        steps,
+        optim,
+        lrs,
+        optimizer_kernel="torch",
+        precision="bf16",
+        aio_backend="threadpool",
+    )
+    _assert_identical(masters, params)
+    _assert_identical(named_parameters(reference), engine.gather_parameters(working_copies=True))
+    engine.close()
+
+
+def test_bf16_moves_two_byte_parameters_through_forward_and_backward(tmp_path):
+    """Per step without clipping: parameters are read as bf16 twice, master + AdamW state read
+    once and written once with the new bf16 copy: 2+2+12 B read, 12+2 B written per parameter
+    (plus alignment), where fp32 training reads 4+4+8 and writes 4+8."""
+    optim = optim_config(grad_clip=0.0)
+    steps = batches(1, num_micro=1, vocab=259)
+    moved = {}
+    for precision in ("fp32", "bf16"):
+        (tmp_path / precision).mkdir()
+        engine, history, _ = _train_offloaded(
+            tiny_gpt(depth=2, width=256),
+            tmp_path / precision,
+            steps,
+            optim,
+            [1e-2],
+            optimizer_kernel="torch",
+            precision=precision,
+            aio_backend="threadpool",
+        )
+        num_params = sum(slot.numel for unit in engine.units for slot in unit.slots)
+        moved[precision] = (
+            history[0]["bytes_read"] / num_params,
+            history[0]["bytes_written"] / num_params,
+        )
+        engine.close()
+    assert moved["fp32"][0] == pytest.approx(16, rel=0.05)
+    assert moved["fp32"][1] == pytest.approx(12, rel=0.05)
+    assert moved["bf16"][0] == pytest.approx(16, rel=0.05)
+    assert moved["bf16"][1] == pytest.approx(14, rel=0.05)
+
+
+def test_bf16_checkpoint_round_trip_and_precision_mismatch(tmp_path):
+    optim = optim_config(grad_clip=1.0)
+    steps = batches(2, num_micro=1, vocab=259)
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    engine, _, params = _train_offloaded(
+        tiny_gpt(),
+        tmp_path / "a",
+        steps,
+        optim,
+        [1e-2, 1e-2],
+        precision="bf16",
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+    shards = engine.checkpoint_shards()
+    restored = OffloadEngine(
+        tiny_gpt(seed=1),
+        offload_config(tmp_path / "b"),
+        optim,
+        loss_fn=lm_loss,
+        precision="bf16",
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+    restored.load_checkpoint_shards(shards)
+    _assert_identical(params, restored.gather_parameters())
+    _assert_identical(
+        engine.gather_parameters(working_copies=True),
+        restored.gather_parameters(working_copies=True),
+    )
+    fp32 = OffloadEngine(
+        tiny_gpt(),
+        offload_config(tmp_path / "c"),
+        optim,
+        loss_fn=lm_loss,
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+    with pytest.raises(ValueError, match="precision 'bf16'"):
+        fp32.load_checkpoint_shards(shards)
+    for item in (engine, restored, fp32):
+        item.close()
