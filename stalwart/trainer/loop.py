@@ -60,28 +60,30 @@ class Trainer:
             # cuBLAS needs a fixed workspace for reproducible GEMMs (ignored on CPU).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if config.offload.device != "none":
-            raise ValueError(
-                f"offload.device is {config.offload.device!r}: offloaded training runs through "
-                "`stalwart finetune` (stalwart.offload.engine.OffloadEngine); `stalwart train` "
-                "keeps the whole state in memory, so set offload.device: none here"
-            )
         self.device = pick_device(trainer_config.device, rank)
         # Every rank starts from the same global seed: identical init, identical data order.
         seed_everything(trainer_config.seed)
 
         model = build_model(config.model, seed=trainer_config.seed)
-        if config.quant.recipe not in ("bf16", "none"):
-            from stalwart.quant.recipes import convert
+        # Offloaded training: parameters and AdamW state live in the offload engine's store, and
+        # the engine (hooks on the model + out-of-core optimizer) does the whole step.
+        self.offload = None
+        if config.offload.device != "none":
+            self.offload = _offload_engine(model, config, world_size, self.run_dir)
+            self.model = model
+            self.optimizer = self.offload  # the LR schedule sets its param_groups
+        else:
+            if config.quant.recipe not in ("bf16", "none"):
+                from stalwart.quant.recipes import convert
 
-            model = convert(model, config.quant)
-        self.model = parallel.parallelize(
-            model.to(self.device),
-            config.parallel.strategy,
-            self.device,
-            fixed_buckets=config.parallel.fixed_buckets,
-        )
-        self.optimizer = build_optimizer(self.model, config.optim)
+                model = convert(model, config.quant)
+            self.model = parallel.parallelize(
+                model.to(self.device),
+                config.parallel.strategy,
+                self.device,
+                fixed_buckets=config.parallel.fixed_buckets,
+            )
+            self.optimizer = build_optimizer(self.model, config.optim)
         self.schedule = WarmupCosine(
             self.optimizer,
             peak_lr=config.optim.lr,
@@ -99,7 +101,7 @@ class Trainer:
         self.after_step_hooks: list[Callable[[int], None]] = []
         self._autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
-            if trainer_config.precision == "bf16"
+            if trainer_config.precision == "bf16" and self.offload is None
             else contextlib.nullcontext()
         )
 
@@ -120,8 +122,9 @@ class Trainer:
             yield windows[:, :-1], windows[:, 1:]
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        forward = self.offload.run_forward if self.offload is not None else self.model
         with self._autocast:
-            logits = self.model(inputs)
+            logits = forward(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _sync_context(self, last_micro: bool):
@@ -136,6 +139,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
+        if self.offload is not None:
+            return self._offloaded_train_step()
         started = time.perf_counter()
         accum = self.config.trainer.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
@@ -180,6 +185,35 @@ class Trainer:
             "skipped": float(skipped),
         }
 
+    def _offloaded_train_step(self) -> dict[str, float]:
+        """The same step through the offload engine: forward, backward, clipping and AdamW."""
+        started = time.perf_counter()
+        self._phase("forward")
+        micro_batches = list(self._micro_batches())
+        # The engine updates parameters during the backward (into a version it commits only
+        # when the step is known to be good), so a snapshot copy must be done before it starts.
+        for hook in self.before_optimizer_hooks:
+            hook(self.step + 1)
+        lr = self.schedule.lr
+        metrics = self.offload.train_step(micro_batches, lr, on_phase=self._phase)
+        if metrics["skipped"]:
+            self.totals["skipped_steps"] += 1
+        self.schedule.step()
+        self.step += 1
+        num_tokens = sum(targets.numel() for _, targets in micro_batches)
+        self.totals["tokens"] += num_tokens
+        for hook in self.after_step_hooks:
+            hook(self.step)
+        elapsed_s = time.perf_counter() - started
+        return {
+            "loss": metrics["loss"],
+            "lr": lr,
+            "grad_norm": metrics["grad_norm"],
+            "tokens_per_s": num_tokens / elapsed_s,
+            "step_time_s": elapsed_s,
+            "skipped": float(metrics["skipped"]),
+        }
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over a fixed set of held-out windows (the same ones every time)."""
@@ -199,11 +233,17 @@ class Trainer:
 
     def named_local_parameters(self):
         """(name, local tensor) for every parameter and buffer this rank holds."""
+        if self.offload is not None:  # host copies read from the store (fp32 masters)
+            yield from self.offload.gather_parameters().items()
+            yield from self.model.named_buffers()
+            return
         model = parallel.unwrap(self.model)
         for name, tensor in model.state_dict(keep_vars=True).items():
             yield name, parallel.local_tensor(tensor.detach() if tensor.requires_grad else tensor)
 
     def _optimizer_state(self) -> dict:
+        if self.offload is not None:
+            return self.offload.optimizer_state()
         names = {id(p): n for n, p in parallel.unwrap(self.model).named_parameters()}
         state = {}
         for group in self.optimizer.param_groups:
@@ -239,6 +279,23 @@ class Trainer:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Copy a state into this rank's tensors in place (same world size and strategy)."""
+        if self.offload is not None:
+            self.offload.load_parameters_and_state(state["model"], state["optim"])
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(state["model"][name])
+        else:
+            self._load_model_and_optimizer(state)
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        load_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.totals = {key: int(value) for key, value in state["totals"].items()}
+        if state.get("quant"):
+            from stalwart.quant.recipes import load_quant_state_dict
+
+            load_quant_state_dict(parallel.unwrap(self.model), state["quant"])
+
+    def _load_model_and_optimizer(self, state: dict) -> None:
         local = dict(self.named_local_parameters())
         missing = set(local) - set(state["model"])
         if missing:
@@ -256,15 +313,6 @@ class Trainer:
                         torch.zeros_like(template) if template is not None else value.clone()
                     )
                 parallel.local_tensor(slot[key]).copy_(value)
-        self.schedule.load_state_dict(state["schedule"])
-        self.sampler.load_state_dict(state["sampler"])
-        load_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.totals = {key: int(value) for key, value in state["totals"].items()}
-        if state.get("quant"):
-            from stalwart.quant.recipes import load_quant_state_dict
-
-            load_quant_state_dict(parallel.unwrap(self.model), state["quant"])
 
 
 @contextlib.contextmanager
@@ -278,3 +326,32 @@ def _restore_gradient_sync(model):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _offload_engine(model, config: RunConfig, world_size: int, run_dir: Path):
+    """The offload engine for `offload.device: cpu|nvme` (one rank, no quantization recipe);
+    `trainer.precision: bf16` selects bf16 working parameters with fp32 master weights."""
+    from stalwart.offload.engine import OffloadEngine
+
+    if world_size > 1:
+        raise ValueError(
+            f"offload.device={config.offload.device!r} with parallel.world_size={world_size}: "
+            "offloaded training runs on one rank; set parallel.world_size: 1"
+        )
+    if config.quant.recipe not in ("bf16", "none"):
+        raise ValueError(
+            f"offload.device={config.offload.device!r} with quant.recipe={config.quant.recipe!r}: "
+            "the offload engine trains unquantized layers; set quant.recipe: bf16"
+        )
+    return OffloadEngine(
+        model,
+        config.offload,
+        config.optim,
+        loss_fn=_logits_loss,
+        run_dir=run_dir,
+        precision=config.trainer.precision,
+    )
+
+
+def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
