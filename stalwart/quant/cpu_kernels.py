@@ -119,7 +119,8 @@ INLINE void fill_random(const random_t *r, int64_t first, int64_t n, int32_t *ou
         return;
     }
     /* eight bytes per hash for up to 8 bits, four 16-bit halves beyond: hash each counter
-       once, then read the hashes' little-endian bytes (or halves) */
+       once, then read the hashes' bytes (or halves) in memory order, as the torch path's
+       view(uint8) does */
     const int wide = r->num_bits > 8;
     const int lane_shift = wide ? 2 : 3; /* log2 of the lanes per hash */
     const int drop = (wide ? 16 : 8) - r->num_bits;
@@ -128,12 +129,7 @@ INLINE void fill_random(const random_t *r, int64_t first, int64_t n, int32_t *ou
     const int64_t offset = first - (first_counter << lane_shift);
     uint64_t hashes[RUN / 4 + 2];
     for (int64_t c = 0; c < num_counters; c++) {
-        const uint64_t z = splitmix64(r->key, (uint64_t)(first_counter + c));
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        hashes[c] = z;
-#else
-        hashes[c] = __builtin_bswap64(z);
-#endif
+        hashes[c] = splitmix64(r->key, (uint64_t)(first_counter + c));
     }
     if (wide) {
         uint16_t halves[4 * (RUN / 4 + 2)];

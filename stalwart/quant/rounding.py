@@ -51,6 +51,7 @@ _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX_1 = 0xBF58476D1CE4E5B9
 _MIX_2 = 0x94D049BB133111EB
 _UINT64_MASK = (1 << 64) - 1
+_HASH_CHUNK = 1 << 16  # counters per chunk of the torch hash (512 KiB of int64: stays in L2)
 
 
 def round_half_even_to_ulp_(values: torch.Tensor, ulp: torch.Tensor | float) -> torch.Tensor:
@@ -120,13 +121,22 @@ def hashed_random_bits(
     shape = tuple(shape)
     num_elements = math.prod(shape)
     lanes = 8 if num_random_bits <= 8 else 4
-    counters = torch.arange(1, (num_elements + lanes - 1) // lanes + 1, device=device)
-    # int64 arithmetic wraps modulo 2^64 like the uint64 original; shifts are made logical
-    z = counters.mul_(_signed(_GOLDEN_GAMMA)).add_(_signed(key))
-    for shift, multiplier in ((30, _MIX_1), (27, _MIX_2), (31, None)):
-        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
-        if multiplier is not None:
-            z = z.mul_(_signed(multiplier))
+    num_counters = (num_elements + lanes - 1) // lanes
+    hashes = torch.empty(num_counters, dtype=torch.int64, device=device)
+    scratch = torch.empty(min(_HASH_CHUNK, num_counters), dtype=torch.int64, device=device)
+    # cache-sized chunks of in-place ops: several times faster than whole-tensor temporaries;
+    # int64 arithmetic wraps modulo 2^64 like the uint64 original, and shifts are made logical
+    for start in range(0, num_counters, _HASH_CHUNK):
+        stop = min(start + _HASH_CHUNK, num_counters)
+        z, shifted = hashes[start:stop], scratch[: stop - start]
+        torch.arange(start + 1, stop + 1, out=z)
+        z.mul_(_signed(_GOLDEN_GAMMA)).add_(_signed(key))
+        for shift, multiplier in ((30, _MIX_1), (27, _MIX_2), (31, None)):
+            torch.bitwise_right_shift(z, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1)
+            z.bitwise_xor_(shifted)
+            if multiplier is not None:
+                z.mul_(_signed(multiplier))
+    z = hashes
     if lanes == 8:  # little-endian bytes of each hash, as the kernels' shifts read them
         random_bytes = z.view(torch.uint8)[:num_elements].view(shape)
         return random_bytes >> (8 - num_random_bits) if num_random_bits < 8 else random_bytes
