@@ -139,6 +139,12 @@ class ClusterConfig(Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     hang_timeout_s: float = Field(60.0, gt=0)
     capacity_timeout_s: float = Field(60.0, gt=0)
+    elastic: bool = Field(
+        False,
+        description="when a node is lost and no spare node is free, continue data-parallel on "
+        "the surviving nodes (same global batch; results match to rounding, not bit for bit) "
+        "instead of waiting capacity_timeout_s for a node",
+    )
     max_recoveries: int = Field(100, ge=0)
 
 
@@ -403,6 +409,16 @@ class RunConfig(Section):
         if not value or "/" in value or value.startswith("."):
             raise ValueError("name must be a non-empty file name without '/' or a leading '.'")
         return value
+
+    @model_validator(mode="after")
+    def _elastic_needs_ddp(self) -> RunConfig:
+        if self.cluster.elastic and self.parallel.strategy == "fsdp":
+            raise ValueError(
+                "cluster.elastic: true needs parallel.strategy: ddp (every rank holds the whole "
+                "state); FSDP shards cannot be re-split over fewer ranks, so set cluster.elastic: "
+                "false and register spare nodes (cluster.num_spare_nodes) instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> RunConfig:

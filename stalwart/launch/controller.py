@@ -117,6 +117,10 @@ class JobController:
         self._next_manager_check = 0.0
         self._manager_lost_reported = False  # a rank's agent saw its manager die
         self.manager_restarts: list[dict] = []
+        # Elastic shrink: where each new rank loads its state from, and the old managers that
+        # serve it until the new worker group is up.
+        self._restore_sources: dict[int, dict] = {}
+        self._retiring_managers: dict[int, object] = {}
         self.attempt = 0
         self.history: list[dict] = []
 
@@ -208,10 +212,13 @@ class JobController:
                 durable_step=durable_step,
                 fault_events=self._worker_faults(rank),
                 attempt=self.attempt,
+                **self._restore_sources.get(rank, {}),
             )
             for rank, worker in self.workers.items()
         ]
         results = ray.get(setups, timeout=max(120.0, cluster_config.hang_timeout_s))
+        self._restore_sources = {}
+        self._retire_managers()
         self.cursors = {rank: 0 for rank in self.workers}
         self.last_restore_s = max(result["restore_s"] for result in results)
         self.last_step = results[0]["step"]
@@ -248,6 +255,7 @@ class JobController:
             "recoveries": self.recoveries,
             "faults": self.fault_log,
             "manager_restarts": self.manager_restarts,
+            "world_size": self.world_size,
         }
 
     def _watch(self, refs: dict) -> Failure | None:
@@ -548,6 +556,9 @@ class JobController:
         # Node (or manager) loss: replace the lost positions.
         from stalwart.snapshot.shm import remove_regions
 
+        dead_nodes = [p for p in lost if self.node_of[p] not in self._alive_node_ids()]
+        if self.config.cluster.elastic and len(self._spare_nodes()) < len(dead_nodes):
+            return self._shrink(version, lost, corrupt)
         for position in lost:
             # On an embedded cluster the lost node's memory lies on this host: free it.
             remove_regions(f"stalwart-{self.job_id}-p{position}-")
@@ -560,6 +571,97 @@ class JobController:
         return self._rebuild(
             version, lost + corrupt, f"rebuilt positions {lost + corrupt} from parity"
         )
+
+    def _alive_node_ids(self) -> set[str]:
+        return {node.node_id for node in self.cluster.alive_nodes()}
+
+    def _shrink(
+        self, version: int | None, lost: list[int], corrupt: list[int]
+    ) -> tuple[int | None, str, str]:
+        """Elastic: continue data-parallel on the surviving positions, no spare needed.
+
+        Under DDP every rank holds the whole model and optimizer state, so the survivors' own
+        copies of the restored version are enough: new rank i loads what surviving rank
+        old(i) saved, from that rank's manager. The global batch is unchanged (each rank takes
+        a larger share), so training continues on the same trajectory up to the order of
+        floating-point sums. Positions are dropped from the end until the global batch divides
+        by the new number of ranks. Managers are restarted for the new layout once the new
+        worker group has loaded its state.
+        """
+        survivors = [p for p in self.positions if p not in lost and p not in corrupt]
+        trainer = self.config.trainer
+        keep = len(survivors)
+        while keep and trainer.batch_size % (
+            keep * self.workers_per_node * trainer.grad_accum_steps
+        ):
+            keep -= 1
+        if keep == 0:
+            raise JobFailed(
+                f"elastic: {len(survivors)} surviving node(s) cannot split trainer.batch_size "
+                f"{trainer.batch_size} evenly; no spare node is free"
+            )
+        kept = survivors[:keep]
+        old_world_size = self.world_size
+        new_world_size = keep * self.workers_per_node
+        old_ranks = {
+            new_position * self.workers_per_node + j: old_position * self.workers_per_node + j
+            for new_position, old_position in enumerate(kept)
+            for j in range(self.workers_per_node)
+        }
+        if version is not None:
+            source, detail_source = "memory", f"memory version {version}"
+            self._restore_sources = {
+                new_rank: {
+                    "restore_rank": old_rank,
+                    "restore_manager": self.managers[self.position_of_rank(old_rank)],
+                }
+                for new_rank, old_rank in old_ranks.items()
+            }
+        else:
+            from stalwart.snapshot.persist import latest_step
+
+            version = latest_step(self.run_dir)
+            source = "durable" if version is not None else "scratch"
+            detail_source = f"durable step {version}" if version is not None else "step 0"
+            self._restore_sources = {
+                new_rank: {"restore_rank": old_rank} for new_rank, old_rank in old_ranks.items()
+            }
+        detail = (
+            f"elastic: continuing on {new_world_size} rank(s) instead of {old_world_size} "
+            f"(positions {kept} of the old layout) from {detail_source}; same global batch, "
+            "results match the full-size run to rounding, not bit for bit"
+        )
+        self.log(detail)
+        from stalwart.snapshot.shm import remove_regions
+
+        for position in lost:  # a lost node's memory lies on this host on an embedded cluster
+            remove_regions(f"stalwart-{self.job_id}-p{position}-")
+        self._retiring_managers = {p: m for p, m in self.managers.items() if p not in lost}
+        self.node_of = {i: self.node_of[old] for i, old in enumerate(kept)}
+        self.positions = list(range(keep))
+        self.world_size = new_world_size
+        self.managers = {}
+        if self.config.snapshot.enabled:
+            for position in self.positions:
+                self._start_manager(position)
+        return version, source, detail
+
+    def _retire_managers(self) -> None:
+        """Stop the managers of the layout before an elastic shrink (their state is loaded)."""
+        from stalwart.snapshot.shm import remove_regions
+
+        retiring, self._retiring_managers = self._retiring_managers, {}
+        for manager in retiring.values():
+            try:
+                prefix = ray.get(manager.region_prefix.remote(), timeout=10.0)
+            except Exception:  # died with its node: its regions are matched by position below
+                prefix = None
+            try:
+                ray.kill(manager, no_restart=True)
+            except Exception:
+                pass
+            if prefix:
+                remove_regions(prefix + "-")
 
     def _rebuild(self, version: int, lost: list[int], detail: str) -> tuple[int | None, str, str]:
         from stalwart.erasure.layout import ErasureLayout

@@ -62,8 +62,14 @@ class TrainWorker:
         durable_step: int | None = None,
         fault_events: list[dict] | None = None,
         attempt: int = 0,
+        restore_rank: int | None = None,
+        restore_manager=None,
     ) -> dict:
-        """Join the process group, build the Trainer, restore a snapshot version if asked."""
+        """Join the process group, build the Trainer, restore a snapshot version if asked.
+
+        `restore_rank`/`restore_manager`: load the state another rank saved (from that rank's
+        manager), when an elastic job continues on fewer ranks; by default this rank's own.
+        """
         from stalwart.trainer.loop import Trainer
 
         config = self.config
@@ -89,14 +95,20 @@ class TrainWorker:
         if durable_step is not None:
             from stalwart.snapshot.restore import load_from_durable
 
-            load_from_durable(self.trainer, self.run_dir, self.rank, durable_step)
+            source_rank = self.rank if restore_rank is None else restore_rank
+            load_from_durable(self.trainer, self.run_dir, source_rank, durable_step)
             restored_from = f"durable step {durable_step}"
         if manager is not None and config.snapshot.enabled:
             from stalwart.snapshot.agent import SnapshotAgent
             from stalwart.snapshot.restore import load_from_manager
 
             if restore_version is not None:
-                load_from_manager(self.trainer, manager, self.rank, restore_version)
+                load_from_manager(
+                    self.trainer,
+                    manager if restore_manager is None else restore_manager,
+                    self.rank if restore_rank is None else restore_rank,
+                    restore_version,
+                )
                 restored_from = f"memory version {restore_version}"
             self.agent = SnapshotAgent(
                 self.trainer, manager, rank=self.rank, every_steps=config.snapshot.every_steps

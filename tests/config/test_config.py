@@ -252,3 +252,8 @@ def test_two_node_example_describes_two_simulated_nodes_with_snapshots():
     assert config.cluster.num_nodes == 2 and config.cluster.workers_per_node == 1
     assert config.parallel.strategy == "ddp" and config.parallel.world_size == 2
     assert config.snapshot.enabled
+
+
+def test_elastic_with_fsdp_is_refused_before_any_work():
+    message = config_error(["parallel.strategy=fsdp", "cluster.elastic=true"])
+    assert "cluster.elastic: true needs parallel.strategy: ddp" in message

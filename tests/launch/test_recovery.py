@@ -111,6 +111,27 @@ def test_manager_killed_alone_is_replaced_without_stopping_the_job(tmp_path, con
     _assert_identical(clean, summary)
 
 
+def test_elastic_job_continues_on_the_surviving_node_when_no_spare_is_free(tmp_path, config_at):
+    no_spare = {"cluster": {"num_spare_nodes": 0, "elastic": True}}
+    clean = run_job(config_at(tmp_path / "clean", **no_spare), log=_quiet)
+    messages = []
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", **no_spare), [{"kind": "kill_node", "step": 5, "node": 1}]
+    )
+    summary = run_job(faulted, log=messages.append)
+    assert summary["world_size"] == 1 and summary["step"] == clean["step"]
+    recovery = summary["recoveries"][0]
+    assert recovery.kind == "node" and recovery.source == "memory", recovery.summary()
+    assert any("elastic: continuing on 1 rank(s) instead of 2" in m for m in messages), messages
+    # Same global batch on one rank: the same trajectory up to the order of the sums.
+    import numpy as np
+
+    for name, array in clean["state"][0].items():
+        other = summary["state"][0][name]
+        if array.dtype.kind == "f":
+            assert np.allclose(array, other, rtol=1e-4, atol=1e-5), name
+
+
 def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_path, config_at):
     # A constant learning rate makes the schedule independent of max_steps, so a 10-step run
     # resumed to 14 steps must equal a straight 14-step run.
