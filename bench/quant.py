@@ -499,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         output["loss_gap"] = {
             label: row["gap_vs_bf16"] for label, row in training["table"].items() if label != "bf16"
         }
+        output["loss_gap_high_precision_eval"] = {
+            label: row["gap_high_precision_eval"]
+            for label, row in training["table"].items()
+            if label != "bf16"
+        }
         png = args.png or (
             args.json.with_suffix(".png") if args.json else Path("runs/bench/quant.png")
         )
