@@ -313,3 +313,31 @@ def test_any_float32_quantizes_like_ml_dtypes(values, name):
     assert same_values(fmt.quantize(x, saturate=False), golden).all()
     clipped, _ = golden_quantize(fmt, x.clamp(-fmt.max_value, fmt.max_value))
     assert same_values(fmt.quantize(x), clipped).all()
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("name", ML_DTYPES_FORMATS)
+def test_unscaled_quantize_dequantize_matches_ml_dtypes(name, use_kernels):
+    """The fused path (compiled kernels or eager torch) with no block scale is the element
+    cast itself: ml_dtypes' saturating conversion, bit for bit."""
+    from stalwart.quant import cpu_kernels
+    from stalwart.quant.mx import QuantSpec, quantize_dequantize
+
+    if use_kernels and cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    fmt = element_format(name)
+    values = torch.cat(
+        [
+            wide_random_values(100_000, seed=3),
+            grid_midpoints(fmt),
+            torch.tensor([fmt.min_subnormal / 2, -fmt.min_subnormal / 2, fmt.min_subnormal * 0.51]),
+        ]
+    )
+    cpu_kernels.set_enabled(use_kernels)
+    try:
+        ours = quantize_dequantize(values, QuantSpec(element=name))
+    finally:
+        cpu_kernels.set_enabled(None)  # back to the environment's setting
+    golden, _ = golden_quantize(fmt, values.clamp(-fmt.max_value, fmt.max_value))
+    # the fused path documents one difference: a negative value that rounds to zero gives +0
+    assert ((ours == golden) | (torch.isnan(ours) & torch.isnan(golden))).all()
