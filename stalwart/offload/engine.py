@@ -148,6 +148,7 @@ class _Unit:
     num_state_sets: int = 2
     version_offsets: tuple[int, int] = (0, 0)
     grad_offset: int = 0
+    grad_half: bool = False  # the gradient span holds bf16 values, packed (see _pack_gradients)
     version: int = 0
     written: bool = False  # the speculative version holds this step's update
     pending: int = 0
@@ -837,11 +838,37 @@ class OffloadEngine:
             if g_buffer is not None:
                 g_buffer.release()
             return
-        write_g = self.store.write_span(unit.grad_offset, unit.state_bytes, g_buffer)
+        num_bytes = unit.state_bytes
+        unit.grad_half = self.compute_dtype != torch.float32 and self._num_microbatches == 1
+        if unit.grad_half:
+            num_bytes = self._pack_gradients(unit, g_buffer)
+        write_g = self.store.write_span(unit.grad_offset, num_bytes, g_buffer)
         self._writes.append(write_g)
         _release_after(g_buffer, [write_g])
         unit.updated_slots = slots
         unit.written = True
+
+    def _pack_gradients(self, unit: _Unit, g_buffer) -> int:
+        """Store bf16 gradients in 2 bytes: with one micro-batch they are exactly the bf16 values
+        autograd produced, so the fp32 span holds nothing more. Packed in place into the first
+        half of the buffer, in offset order (no slot's target overlaps a later slot's source);
+        returns the bytes to write."""
+        for slot in sorted(unit.trainable, key=lambda s: s.state_offset):
+            source = g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape)
+            packed = source.to(self.compute_dtype)
+            g_buffer.view(self.compute_dtype, slot.state_offset // 2, slot.numel, slot.shape).copy_(
+                packed
+            )
+        return align_up(unit.state_bytes // 2)
+
+    def _unpack_gradients(self, unit: _Unit, g_buffer) -> None:
+        """Undo `_pack_gradients` in place, in reverse offset order (exact: bf16 -> fp32)."""
+        for slot in sorted(unit.trainable, key=lambda s: s.state_offset, reverse=True):
+            packed = g_buffer.view(
+                self.compute_dtype, slot.state_offset // 2, slot.numel, slot.shape
+            )
+            widened = packed.to(torch.float32)
+            g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape).copy_(widened)
 
     def _accumulate(self, unit: _Unit, grads: list[torch.Tensor | None]) -> None:
         if not unit.state_bytes:
@@ -905,6 +932,7 @@ class OffloadEngine:
         self._jobs.append(job_future)
         holders = [job_future]
         if self.settings.grad_clip > 0:
+            unit.grad_half = False
             write_g = self.store.write_span(unit.grad_offset, unit.state_bytes, g_buffer)
             self._writes.append(write_g)
             holders.append(write_g)
@@ -955,9 +983,10 @@ class OffloadEngine:
             p_buffer = self.pool.acquire(unit.p_bytes)
             mv_buffer = self.pool.acquire(unit.mv_bytes)
             g_buffer = self.pool.acquire(unit.state_bytes)
+            g_bytes = align_up(unit.state_bytes // 2) if unit.grad_half else unit.state_bytes
             reads = [
                 self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer),
-                self.store.read_span(unit.grad_offset, unit.state_bytes, g_buffer),
+                self.store.read_span(unit.grad_offset, g_bytes, g_buffer),
             ]
             # With a master, the sweep rewrites the working copies from it: no need to read them
             # unless some of the unit's parameters are not updated this step.
@@ -971,6 +1000,8 @@ class OffloadEngine:
             unit, p_buffer, mv_buffer, g_buffer, reads = queued.pop(0)
             for read in reads:
                 read.result()
+            if unit.grad_half:
+                self._unpack_gradients(unit, g_buffer)
             slots = unit.updated_slots
             grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
             if clip_coef is not None:

@@ -277,3 +277,27 @@ def test_bf16_checkpoint_round_trip_and_precision_mismatch(tmp_path):
         fp32.load_checkpoint_shards(shards)
     for item in (engine, restored, fp32):
         item.close()
+
+
+def test_bf16_deferred_step_stores_two_byte_gradients(tmp_path):
+    """After a clipped step the next one defers AdamW until the norm is known: it writes the
+    gradients during backward and sweeps master + state afterwards. With bf16 working parameters
+    and one micro-batch the gradients are stored in 2 bytes (exactly what autograd produced):
+    2+2 (working copies) + 12 (master, AdamW) + 2 (gradient) B read, 14 + 2 B written."""
+    optim = optim_config(grad_clip=1e-3)
+    steps = batches(2, num_micro=1, vocab=259)
+    engine, history, _ = _train_offloaded(
+        tiny_gpt(depth=2, width=256),
+        tmp_path,
+        steps,
+        optim,
+        [1e-2, 1e-2],
+        optimizer_kernel="torch",
+        precision="bf16",
+        aio_backend="threadpool",
+    )
+    assert history[1]["deferred"] and history[1]["clipped"]
+    num_params = sum(slot.numel for unit in engine.units for slot in unit.slots)
+    assert history[1]["bytes_read"] / num_params == pytest.approx(18, rel=0.05)
+    assert history[1]["bytes_written"] / num_params == pytest.approx(16, rel=0.05)
+    engine.close()
