@@ -10,12 +10,15 @@ matmul rate), NVMe time (16 B/param read + 14 B/param written at the measured O_
 bandwidths) and host-memory time (30 B/param at the measured copy bandwidth).
 
 DeepSpeed is configured as its docs recommend for NVMe offload and sized to this machine:
-bf16 (its CPU accelerator needs it), DeepSpeedCPUAdam, pipelined optimizer swapping, libaio,
-sub_group_size and stage3_max_live_parameters well below host memory, parameter swap buffers
-large enough for the biggest tensor. Its NVMe parameter prefetch (stage3_prefetch_bucket_size
-> 0) trips an assertion in DeepSpeed 0.19.8 on the second step ("param ... already assigned
-swap buffer"), so it runs with prefetch off. Our engine trains in fp32 (bit-identical to
-in-memory AdamW); that is twice DeepSpeed's bf16 parameter traffic in forward and backward.
+bf16 (its CPU accelerator needs it), DeepSpeedCPUAdam, libaio, sub_group_size and
+stage3_max_live_parameters well below host memory, parameter swap buffers large enough for the
+biggest tensor. Two of its performance options fail in DeepSpeed 0.19.8 here and are off: NVMe
+parameter prefetch (stage3_prefetch_bucket_size > 0 asserts "param ... already assigned swap
+buffer" on the second step) and the pipelined optimizer swapper (runs out of swap buffers once
+the model has several sub-groups). Ours trains by default with the same mixed-precision scheme
+(`--precision bf16`: bf16 working parameters, fp32 master + AdamW state on NVMe);
+`--precision fp32` is bit-identical to in-memory AdamW. The compute term of the lower bound uses
+the measured matmul rate of the precision ours runs in.
 On a GPU the same script uses the device (device memory budget, pinned buffers).
 """
 
@@ -33,6 +36,10 @@ from pathlib import Path
 
 GIB = 1 << 30
 REPO = Path(__file__).resolve().parent.parent
+# Where a step of ours goes: wall time of forward, backward, the end-of-backward drain of I/O and
+# optimizer jobs, the post-backward optimizer sweep (clipped or deferred steps); time blocked on
+# reads; AdamW kernel time (on the optimizer thread, overlapped with backward).
+PROFILE_KEYS = ("forward_s", "backward_s", "drain_s", "sweep_s", "io_wait_s", "optimizer_s")
 
 
 def llama_config(layers: int, hidden: int, vocab: int, seq: int):
@@ -108,6 +115,7 @@ def child_ours(args) -> dict:
         OptimConfig(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0),
         loss_fn=loss_fn,
         optimizer_kernel=os.environ.get("STALWART_BENCH_KERNEL", "auto"),
+        precision=args.precision,
     )
     steps = []
     for inputs, targets in batches(args):
@@ -126,6 +134,7 @@ def child_ours(args) -> dict:
                 "written_bytes": written1 - written0,
                 "peak_rss_bytes": step_peak(),
                 "predicted_step_s": metrics.get("predicted_step_s"),
+                "profile_s": {key: metrics[key] for key in PROFILE_KEYS},
             }
         )
         print(
@@ -257,7 +266,7 @@ def run_child(kind: str, args, layers: int, steps: int) -> dict:
     command = [
         sys.executable, __file__, "--child", kind, "--layers", str(layers), "--hidden", str(args.hidden),
         "--vocab", str(args.vocab), "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(steps),
-        "--budget-gb", str(args.budget_gb), "--nvme-path", str(nvme),
+        "--budget-gb", str(args.budget_gb), "--nvme-path", str(nvme), "--precision", args.precision,
     ]  # fmt: skip
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     completed = subprocess.run(
@@ -286,14 +295,21 @@ def summarise(report: dict, args, warmup: int) -> dict:
         "losses": [s["loss"] for s in report["steps"]],
         "clipped_steps": sum(bool(s.get("clipped")) for s in report["steps"]),
         "predicted_step_s": measured[-1].get("predicted_step_s"),
+        "profile_s": {
+            key: sum(s["profile_s"][key] for s in measured) / len(measured) for key in PROFILE_KEYS
+        }
+        if "profile_s" in measured[0]
+        else None,
     }
 
 
-def ours_largest_layer_params(budget_bytes: int, baseline_bytes: int) -> int:
+def ours_largest_layer_params(budget_bytes: int, baseline_bytes: int, precision: str) -> int:
     """Largest layer our engine accepts under a host budget (the engine's construction rule):
-    baseline + 2 x 4 B/param gradients + max(96 MiB, headroom/4) + 2 x 16 B/param working sets."""
+    baseline + 2 x 4 B/param gradients + max(96 MiB, headroom/4) + two working sets of a layer
+    (parameters + optimizer span + gradient: 4+8+4 B/param in fp32, 2+12+4 in bf16)."""
     headroom = budget_bytes - baseline_bytes
-    return max(0, int((headroom - max(96 << 20, headroom // 4)) / (8 + 32)))
+    working_set = 18 if precision == "bf16" else 16
+    return max(0, int((headroom - max(96 << 20, headroom // 4)) / (8 + 2 * working_set)))
 
 
 def main() -> None:
@@ -309,6 +325,13 @@ def main() -> None:
         "--steps", type=int, default=4, help="steps per system; the first is warm-up"
     )
     parser.add_argument("--budget-gb", type=float, default=1.0, help="our host memory budget")
+    parser.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="ours: bf16 working parameters + fp32 master and AdamW state (DeepSpeed's scheme), "
+        "or fp32 throughout",
+    )
     parser.add_argument("--nvme-root", default=str(REPO / "runs" / "bench" / "offload-nvme"))
     parser.add_argument("--nvme-path", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "deepspeed"], help=argparse.SUPPRESS)
@@ -331,7 +354,8 @@ def main() -> None:
     Path(args.nvme_root).mkdir(parents=True, exist_ok=True)
     aio = make_aio(AioSettings(), lockable_bytes=256 << 20)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    machine = measure_machine(None, None, device)
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    machine = measure_machine(None, None, device, compute_dtype)
     bandwidth = measure_bandwidth(aio, args.nvme_root, num_bytes=1 << 30, chunk_bytes=64 << 20)
     aio.close()
 
@@ -360,7 +384,7 @@ def main() -> None:
             summarise(half_raw, args, warmup=1) if "error" not in half_raw else half_raw
         )
 
-    rows = [("ours (fp32, NVMe)", ours)]
+    rows = [(f"ours ({args.precision}, NVMe)", ours)]
     if deepspeed and "error" not in deepspeed:
         rows.append(("DeepSpeed ZeRO-3 (bf16, NVMe)", deepspeed))
     print()
@@ -380,7 +404,8 @@ def main() -> None:
         f"= {state_bytes / budget_bytes:.1f}x our host budget of {args.budget_gb:.2f} GiB"
     )
     print(
-        f"machine: compute {machine.compute_flops_per_s / 1e9:.1f} GFLOP/s ({machine.device_name}), host copy "
+        f"machine: compute {machine.compute_flops_per_s / 1e9:.1f} GFLOP/s "
+        f"({args.precision} matmuls, {machine.device_name}), host copy "
         f"{machine.host_copy_bytes_per_s / 1e9:.2f} GB/s; NVMe (O_DIRECT, 64 MiB requests) read "
         f"{bandwidth.read_bytes_per_s / 1e9:.2f} GB/s, write {bandwidth.write_bytes_per_s / 1e9:.2f} GB/s"
     )
@@ -396,6 +421,11 @@ def main() -> None:
     print(
         f"ours: {ours['clipped_steps']} of {args.steps} steps clipped (redone by the optimizer from stored gradients)"
     )
+    if ours["profile_s"]:
+        print(
+            "ours, where a step goes (s): "
+            + ", ".join(f"{key} {value:.2f}" for key, value in ours["profile_s"].items())
+        )
     if ours_raw.get("plan"):
         print(ours_raw["plan"])
 
@@ -406,7 +436,9 @@ def main() -> None:
     largest["ours_params_bounded_by_nvme"] = (
         free_bytes // 28
     )  # 2 versions x 12 B + 4 B gradient span
-    largest["ours_largest_layer_params"] = ours_largest_layer_params(4 * GIB, 450 << 20)
+    largest["ours_largest_layer_params"] = ours_largest_layer_params(
+        4 * GIB, 450 << 20, args.precision
+    )
     if deepspeed and "error" not in deepspeed:
         speedup = ours["tokens_per_s"] / deepspeed["tokens_per_s"]
         print(f"\nspeedup vs DeepSpeed: {speedup:.2f}x tokens/s")
@@ -443,6 +475,7 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
+        "precision": args.precision,
         "host_budget_gb": args.budget_gb,
         "state_to_budget_ratio": state_bytes / budget_bytes,
         "peak_rss_gb": ours["peak_rss_bytes"] / GIB,
