@@ -149,7 +149,7 @@ def run_finetune(args) -> dict:
     import transformers
 
     from stalwart.data.dataset import TokenDataset
-    from stalwart.snapshot.persist import latest_step, load_checkpoint, write_checkpoint
+    from stalwart.snapshot.persist import latest_step, open_checkpoint_streaming, write_checkpoint
 
     _check_arguments(args)
     model_dir = Path(args.model)
@@ -181,9 +181,10 @@ def run_finetune(args) -> dict:
     if args.resume:
         if latest_step(run_dir) is None:
             raise ValueError(f"--resume: no checkpoint under {run_dir}/checkpoints")
-        checkpoint = load_checkpoint(run_dir)
-        engine.load_checkpoint_shards(checkpoint.shards)
-        start = int(checkpoint.run_meta["step"])
+        step = latest_step(run_dir)
+        # Streamed from the file into the store: the state never has to fit in memory.
+        engine.load_checkpoint_shards(open_checkpoint_streaming(run_dir, step, names=["offload"]))
+        start = step  # checkpoints are written under the number of steps done
         logger.info("resumed from step %d", start)
 
     order = np.random.default_rng(args.seed).permutation(len(dataset))

@@ -577,6 +577,83 @@ def load_checkpoint(
     return LoadedCheckpoint(step, path, manifest.get("run_meta", {}), shards)
 
 
+def open_checkpoint_streaming(
+    root: str | Path, step: int, *, names: Sequence[str], chunk_nbytes: int = DEFAULT_CHUNK_NBYTES
+) -> dict[str, StreamingShard]:
+    """Shards ``names`` of checkpoint ``step`` as streaming shards, for state larger than host
+    memory (an NVMe offload store restores from them): each file's size and xxh3-64 are checked
+    against the manifest in one chunked pass that keeps nothing, then ``read_into`` reads the
+    requested bytes from the file on demand. Errors as :func:`load_checkpoint`."""
+    path = checkpoint_dir(root, step)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; available steps: {list_checkpoints(root)}"
+        )
+    manifest = _read_manifest(path)
+    shards: dict[str, StreamingShard] = {}
+    for name in names:
+        record = manifest["shards"].get(name)
+        if record is None:
+            raise FileNotFoundError(
+                f"checkpoint {path} has no shard {name!r}; it has {sorted(manifest['shards'])}"
+            )
+        file_path = path / str(record.get("file"))
+        if file_path.parent != path:
+            raise CheckpointCorruptError(
+                f"{path / MANIFEST_FILENAME}: shard {name!r} points outside the checkpoint"
+            )
+        expected_nbytes, total_bytes = int(record["nbytes"]), int(record["total_bytes"])
+        hasher = xxhash.xxh3_64()
+        chunk = bytearray(min(chunk_nbytes, max(expected_nbytes, 1)))
+        size = 0
+        with open(file_path, "rb", buffering=0) as handle:
+            while count := handle.readinto(chunk):
+                hasher.update(memoryview(chunk)[:count])
+                size += count
+            handle.seek(0)
+            head = handle.read(8)
+            (header_nbytes,) = struct.unpack("<Q", head) if len(head) == 8 else (expected_nbytes,)
+            header_bytes = handle.read(header_nbytes) if 8 + header_nbytes <= size else b""
+        actual_hash = f"{hasher.intdigest():016x}"
+        if size != expected_nbytes or actual_hash != str(record["xxh3_64"]):
+            raise CheckpointCorruptError(
+                f"{file_path}: {size} bytes with xxh3-64 {actual_hash}, the manifest says "
+                f"{expected_nbytes} bytes with {record['xxh3_64']}"
+            )
+        try:
+            layout = json.loads(json.loads(header_bytes)["__metadata__"][LAYOUT_METADATA_KEY])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise CheckpointCorruptError(
+                f"{file_path}: no readable stalwart layout in the header ({error!r})"
+            ) from None
+        if size - 8 - header_nbytes != total_bytes:
+            raise CheckpointCorruptError(
+                f"{file_path}: data section is {size - 8 - header_nbytes} bytes, manifest says "
+                f"{total_bytes}"
+            )
+
+        class _FileShard:
+            def __init__(self, file_path: Path, data_offset: int, layout: dict):
+                self.layout, self._path, self._data_offset = layout, file_path, data_offset
+
+            def read_into(self, offset: int, out: memoryview) -> None:
+                out = memoryview(out).cast("B")
+                with open(self._path, "rb", buffering=0) as handle:
+                    done = 0
+                    while done < len(out):
+                        count = os.preadv(
+                            handle.fileno(), [out[done:]], self._data_offset + offset + done
+                        )
+                        if count <= 0:
+                            raise CheckpointCorruptError(
+                                f"{self._path}: ended before byte {offset + done} of the data"
+                            )
+                        done += count
+
+        shards[name] = _FileShard(file_path, 8 + header_nbytes, layout)
+    return shards
+
+
 def evict_from_page_cache(root: str | Path, step: int) -> int:
     """Ask the kernel to drop a checkpoint's files from the page cache (cold-read
     benchmarks). Returns how many files were advised; 0 where posix_fadvise is missing."""

@@ -100,3 +100,42 @@ def test_checkpoint_shards_round_trip_in_process(tmp_path):
         assert torch.equal(tensor, second.gather_parameters()[name]), name
     first.close()
     second.close()
+
+
+def test_streaming_checkpoint_restores_without_loading_the_shard(tmp_path):
+    """The durable tier's streaming reader verifies the file, then the store is filled from it
+    piece by piece; a flipped byte is caught before anything is read."""
+    import pytest
+    from offload_helpers import batches
+
+    from stalwart.snapshot.persist import (
+        CheckpointCorruptError,
+        checkpoint_dir,
+        open_checkpoint_streaming,
+        write_checkpoint,
+    )
+
+    optim = optim_config(grad_clip=1.0)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    options = dict(loss_fn=lm_loss, optimizer_kernel="torch", aio_backend="threadpool")
+    trained = OffloadEngine(tiny_gpt(), offload_config(tmp_path / "a"), optim, **options)
+    for micro_batches in batches(2, num_micro=1, vocab=259):
+        trained.train_step(micro_batches, 1e-2)
+    write_checkpoint(tmp_path / "run", 2, trained.checkpoint_shards(), {"step": 2}, keep=1)
+    restored = OffloadEngine(tiny_gpt(seed=3), offload_config(tmp_path / "b"), optim, **options)
+    restored.load_checkpoint_shards(
+        open_checkpoint_streaming(tmp_path / "run", 2, names=["offload"])
+    )
+    expected, actual = trained.gather_parameters(), restored.gather_parameters()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert restored.step_count == 2
+
+    shard_file = next(checkpoint_dir(tmp_path / "run", 2).glob("*.safetensors"))
+    data = bytearray(shard_file.read_bytes())
+    data[-100] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match="xxh3-64"):
+        open_checkpoint_streaming(tmp_path / "run", 2, names=["offload"])
+    trained.close()
+    restored.close()
