@@ -193,6 +193,21 @@ def _pin(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
 
 
+class _Interval:
+    """Adds to `profile[key]` the seconds a condition held, sampled once per loop turn."""
+
+    def __init__(self, profile: dict, key: str):
+        self.profile, self.key, self.since = profile, key, None
+
+    def holds(self, condition: bool) -> None:
+        now = time.perf_counter()
+        if condition and self.since is None:
+            self.since = now
+        elif not condition and self.since is not None:
+            self.profile[self.key] += now - self.since
+            self.since = None
+
+
 class PipelineDriver:
     """One RL run: actors, the dispatch loop, learner recovery, the run record."""
 
@@ -356,24 +371,15 @@ class PipelineDriver:
         self.num_groups_generated = 0
         self.stop = False
         self.start = time.perf_counter()
-        gate_closed_since = None
-        starved_since = None
+        gate_closed = _Interval(self.profile, "gate_closed_s")
+        learner_starved = _Interval(self.profile, "learner_starved_s")
 
         while True:
-            gate_closed = self._dispatch_rollouts()
+            gate_closed.holds(self._dispatch_rollouts())
             self._dispatch_learner_steps()
-            now = time.perf_counter()
-            if gate_closed and gate_closed_since is None:
-                gate_closed_since = now
-            elif not gate_closed and gate_closed_since is not None:
-                self.profile["gate_closed_s"] += now - gate_closed_since
-                gate_closed_since = None
-            starved = not self.learner_queue and not self.stop and self.next_step < self.num_steps
-            if starved and starved_since is None:
-                starved_since = now
-            elif not starved and starved_since is not None:
-                self.profile["learner_starved_s"] += now - starved_since
-                starved_since = None
+            learner_starved.holds(
+                not self.learner_queue and not self.stop and self.next_step < self.num_steps
+            )
             if not self.learner_queue and not self.inflight:
                 break  # nothing runs and nothing may start: done
             waitable = list(self.inflight)
@@ -556,7 +562,14 @@ class PipelineDriver:
             )
         detect_s = detected - self.kill_time if self.kill_time is not None else None
         self.kill_time = None
-        committed = self._committed_version(at_least=self.published_snapshots[-1])
+        try:
+            committed = self._committed_version(at_least=self.published_snapshots[-1])
+        except RayActorError as error:
+            raise RuntimeError(
+                f"the learner died during step {failed_step} and its snapshot manager is gone "
+                "too (the node was lost?): nothing in memory to restore, and a one-rank learner "
+                "has no erasure-coded peer to rebuild it from; rerun the job"
+            ) from error
         if committed is None:
             raise RuntimeError(f"the learner died during step {failed_step}; no version committed")
         missing = [s for s in range(committed, self.next_step) if s not in self.batches]

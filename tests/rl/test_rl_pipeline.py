@@ -58,13 +58,11 @@ def test_gate_with_k2_runs_ahead_by_at_most_two_versions():
     assert gate.chunk_size(4, 8, 3, 4) == 0  # step 6 would be 3 versions stale
 
 
-def test_prompt_pool_requeues_and_retires():
+def test_prompt_pool_retires_prompts_it_solves():
     problems = [Problem(f"{i}+0=", str(i)) for i in range(6)]
     pool = PromptPool(problems, seed=0, retire_pass_rate=0.9, min_samples_to_retire=4)
     first = pool.take(3)
-    pool.requeue(first[1:])
-    again = pool.take(2)
-    assert [t["problem_id"] for t in again] == [t["problem_id"] for t in first[1:]]
+    assert len({t["problem_id"] for t in first}) == 3
     solved = first[0]["problem_id"]
     pool.record(solved, np.ones(4))
     pool.record(first[1]["problem_id"], np.array([1, 1, 1, 0]))

@@ -14,9 +14,10 @@ is generated while the learner steps, and every group is consumed by the step of
 that generated it: exactly on-policy. Chunks never straddle two batches, so the prediction is
 exact; zero-variance filtering only makes consumption earlier, never later.
 
-`PromptPool` hands out training prompts in a seeded order, takes back the prompts of a lost
-rollout actor (they go first), keeps each prompt's running pass rate, and with
-no-positive-resampling permanently retires prompts whose pass rate reaches the threshold.
+`PromptPool` hands out training prompts in a seeded order, keeps each prompt's running pass
+rate, and with no-positive-resampling permanently retires prompts whose pass rate reaches the
+threshold. (The prompts of a lost rollout call are not returned to the pool: the driver
+generates them again in their place in the dispatch order, so batches keep their boundaries.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class PromptPool:
     retire_pass_rate: float | None = None  # None: keep every prompt (no NPR)
     min_samples_to_retire: int = 1
     _order: deque = field(default_factory=deque, init=False)
-    _requeued: deque = field(default_factory=deque, init=False)
     _epoch: int = field(default=0, init=False)
     num_correct: dict = field(default_factory=dict, init=False)
     num_seen: dict = field(default_factory=dict, init=False)
@@ -68,26 +68,19 @@ class PromptPool:
     def take(self, num: int) -> list[dict[str, Any]]:
         tasks = []
         while len(tasks) < num:
-            if self._requeued:
-                index = self._requeued.popleft()
-            else:
-                if not self._order:
-                    if len(self.retired) >= len(self.problems):
-                        raise RuntimeError(
-                            "no-positive-resampling retired every training prompt; lower "
-                            "rl.positive_pass_rate or add data (data.num_examples)"
-                        )
-                    self._refill()
-                index = self._order.popleft()
-                if index in self.retired:
-                    continue
+            if not self._order:
+                if len(self.retired) >= len(self.problems):
+                    raise RuntimeError(
+                        "no-positive-resampling retired every training prompt; lower "
+                        "rl.positive_pass_rate or add data (data.num_examples)"
+                    )
+                self._refill()
+            index = self._order.popleft()
+            if index in self.retired:
+                continue
             problem = self.problems[index]
             tasks.append({"problem_id": index, "prompt": problem.prompt, "answer": problem.answer})
         return tasks
-
-    def requeue(self, tasks: list[dict[str, Any]]) -> None:
-        """Prompts of a lost rollout: they are generated next, in their original order."""
-        self._requeued.extendleft(t["problem_id"] for t in reversed(tasks))
 
     def record(self, problem_id: int, rewards: np.ndarray) -> None:
         correct = float(np.sum(np.asarray(rewards) > 0))
