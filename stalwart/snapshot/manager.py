@@ -358,6 +358,9 @@ class SnapshotManager:
             if self.position == 0:
                 self.persister.submit(self._persist, version, dict(state.rank_meta))
 
+    def _parity_fragments_per_version(self) -> int:
+        return max(1, len(self.layout.parity_assignments(self.position)))
+
     def _allocate_parity(self, nbytes: int) -> bytearray:
         with self.cond:
             pool = self.parity_pool.get(nbytes)
@@ -366,12 +369,14 @@ class SnapshotManager:
         return bytearray(nbytes)
 
     def _recycle(self, state: VersionState) -> None:
-        """Keep a released version's parity buffers for reuse (at most two per size: the
-        committed version and the one being encoded are all that is ever live)."""
+        """Keep a released version's parity buffers for the next version to encode into.
+
+        At most one spare per fragment size and parity key: the committed version and the one
+        being encoded are all that is ever live, so a deeper pool would only hold memory."""
         for fragment in state.parity.values():
             if isinstance(fragment, bytearray):
                 pool = self.parity_pool.setdefault(len(fragment), [])
-                if len(pool) < 2:
+                if len(pool) < self._parity_fragments_per_version():
                     pool.append(fragment)
         state.parity = {}
 
