@@ -278,31 +278,33 @@ def main(argv=None) -> dict:
     try:
         # Node faults fire from the controller's poll (every 0.5 s): a tiny model must run long
         # enough for the poll to see the fault step before the job ends.
+        # A 100M model needs a few steps before its first version commits (slot allocation,
+        # first copy): faults earlier than step 5 would restart from scratch, not from memory.
         memory_faults = [
-            {"kind": "kill_worker", "step": 3, "rank": 1, "phase": "forward"},
-            {"kind": "kill_node", "step": 6, "node": 1},
+            {"kind": "kill_worker", "step": 5, "rank": 1, "phase": "forward"},
+            {"kind": "kill_node", "step": 9, "node": 1},
         ]
-        print("job 'memory': RS(2,1) parity, kill a worker at step 3, remove node 1 at step 6")
+        print("job 'memory': RS(2,1) parity, kill a worker at step 5, remove node 1 at step 9")
         memory_rows = run_controller_job(
             job_config(
                 args,
                 name="bench-recovery-memory",
                 parity=1,
                 faults=memory_faults,
-                max_steps=300 if args.small else 9,
+                max_steps=300 if args.small else 12,
                 persist_every=0,
             ),
             work_dir / "memory",
         )
-        print("job 'durable': no parity, durable tier every 2 steps, remove node 1 at step 5")
-        durable_faults = [{"kind": "kill_node", "step": 5, "node": 1}]
+        print("job 'durable': no parity, durable tier every 2 steps, remove node 1 at step 7")
+        durable_faults = [{"kind": "kill_node", "step": 7, "node": 1}]
         durable_rows = run_controller_job(
             job_config(
                 args,
                 name="bench-recovery-durable",
                 parity=0,
                 faults=durable_faults,
-                max_steps=300 if args.small else 7,
+                max_steps=300 if args.small else 9,
                 persist_every=2,
             ),
             work_dir / "durable",

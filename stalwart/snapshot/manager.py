@@ -53,7 +53,7 @@ class VersionState:
     local: dict[int, RankVersion] = field(default_factory=dict)  # rank -> this node's copy
     ready_positions: set[int] = field(default_factory=set)
     rank_meta: dict[int, dict] = field(default_factory=dict)  # every rank's layout, from ready()
-    parity: dict[str, bytes] = field(default_factory=dict)
+    parity: dict[str, memoryview] = field(default_factory=dict)  # views of shm regions
     failed: str | None = None
     encoded: bool = False
 
@@ -155,7 +155,12 @@ class SnapshotManager:
         self.encode_s = 0.0
         # Parity buffers of released versions, by size, for the next version to reuse: a fresh
         # gigabyte buffer every step costs more in page faults than the encode itself.
-        self.parity_pool: dict[int, list[bytearray]] = {}
+        # Parity lives in shared-memory regions too, so a rebuild on the same host maps it
+        # instead of pulling gigabytes through the object store. `_parity_region` maps a
+        # fragment buffer (by id) to the region it views; the pool holds spare regions by size.
+        self.parity_pool: dict[int, list[shm.Region]] = {}
+        self._parity_region: dict[int, shm.Region] = {}
+        self._num_parity_regions = 0
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -361,23 +366,35 @@ class SnapshotManager:
     def _parity_fragments_per_version(self) -> int:
         return max(1, len(self.layout.parity_assignments(self.position)))
 
-    def _allocate_parity(self, nbytes: int) -> bytearray:
+    def _allocate_parity(self, nbytes: int) -> memoryview:
         with self.cond:
             pool = self.parity_pool.get(nbytes)
             if pool:
-                return pool.pop()
-        return bytearray(nbytes)
+                region = pool.pop()
+            else:
+                self._num_parity_regions += 1
+                region = shm.create_region(
+                    f"{self.region_prefix()}-parity{self._num_parity_regions}", nbytes
+                )
+            self._parity_region[id(region.buffer)] = region
+            return region.buffer
 
     def _recycle(self, state: VersionState) -> None:
-        """Keep a released version's parity buffers for the next version to encode into.
+        """Keep a released version's parity regions for the next version to encode into.
 
-        At most one spare per fragment size and parity key: the committed version and the one
-        being encoded are all that is ever live, so a deeper pool would only hold memory."""
+        At most one spare per fragment this position holds: the committed version and the one
+        being encoded are all that is ever live, so a deeper pool would only hold memory.
+        """
         for fragment in state.parity.values():
-            if isinstance(fragment, bytearray):
-                pool = self.parity_pool.setdefault(len(fragment), [])
-                if len(pool) < self._parity_fragments_per_version():
-                    pool.append(fragment)
+            region = self._parity_region.pop(id(fragment), None)
+            if region is None:
+                continue
+            pool = self.parity_pool.setdefault(region.nbytes, [])
+            if len(pool) < self._parity_fragments_per_version():
+                pool.append(region)
+            else:
+                region.close()
+                region.unlink()
         state.parity = {}
 
     def _in_flight(self, version: int) -> bool:
@@ -477,12 +494,29 @@ class SnapshotManager:
             meta = state.local[rank]
             return self.regions[rank][meta.slot].name, meta.layout_json, meta.checksums
 
-    def parity_fragments(self, version: int) -> dict[str, bytes]:
+    def parity_fragments(self, version: int) -> dict[str, np.ndarray]:
+        """This position's parity of `version` as raw bytes (for a peer on another host)."""
         with self.cond:
             state = self.versions.get(version)
             if state is None or not state.encoded:
                 raise KeyError(f"position {self.position} holds no parity for version {version}")
-            return dict(state.parity)
+            return {
+                key: np.frombuffer(fragment, np.uint8) for key, fragment in state.parity.items()
+            }
+
+    def parity_regions(self, version: int) -> tuple[str, dict[str, tuple[str, int]]]:
+        """(host name, {key: (region name, bytes)}) of this position's parity of `version`."""
+        with self.cond:
+            state = self.versions.get(version)
+            if state is None or not state.encoded:
+                raise KeyError(f"position {self.position} holds no parity for version {version}")
+            regions = {}
+            for key, fragment in state.parity.items():
+                region = self._parity_region.get(id(fragment))
+                if region is None:
+                    return socket.gethostname(), {}
+                regions[key] = (region.name, len(fragment))
+            return socket.gethostname(), regions
 
     def rank_shard(self, rank: int, version: int) -> np.ndarray:
         with self.cond:
@@ -508,6 +542,26 @@ class SnapshotManager:
 
     # -- rebuilding a lost node --------------------------------------------------------------
 
+    def _surviving_parity(self, version: int, alive: set[int]) -> tuple[dict, list[shm.Region]]:
+        """Every live peer's parity of `version`: mapped from its shared memory on this host,
+        else transferred as raw bytes. A peer without parity only narrows the choice."""
+        fragments: dict = {}
+        attached: list[shm.Region] = []
+        for position in alive:
+            peer = self.peers[position]
+            try:
+                host, regions = ray.get(peer.parity_regions.remote(version))
+                if host == socket.gethostname() and regions:
+                    for key, (name, nbytes) in regions.items():
+                        region = shm.attach_region(name)
+                        attached.append(region)
+                        fragments[key] = region.array[:nbytes]
+                    continue
+                fragments.update(ray.get(peer.parity_fragments.remote(version)))
+            except Exception:
+                continue
+        return fragments, attached
+
     def rebuild(self, version: int, lost_positions: list[int], rank_meta: dict[int, dict]) -> dict:
         """Rebuild this (replacement) node's ranks for `version` from the group's survivors.
 
@@ -521,22 +575,20 @@ class SnapshotManager:
             )
         shard_nbytes = sum(rank_meta[rank]["total_bytes"] for rank in mine)
         alive = set(self.positions) - set(lost_positions)
-        surviving_parity: dict[str, bytes] = {}
-        for position in alive:
-            try:
-                surviving_parity.update(
-                    ray.get(self.peers[position].parity_fragments.remote(version))
-                )
-            except Exception:  # a survivor without parity only narrows the choice
-                continue
-        shard = rebuild_shard(
-            self.layout,
-            self.position,
-            shard_nbytes,
-            _PeerShards(self, version, alive),
-            surviving_parity,
-            version=version,
-        )
+        surviving_parity, attached = self._surviving_parity(version, alive)
+        try:
+            shard = rebuild_shard(
+                self.layout,
+                self.position,
+                shard_nbytes,
+                _PeerShards(self, version, alive),
+                surviving_parity,
+                version=version,
+            )
+        finally:
+            surviving_parity.clear()
+            for region in attached:
+                region.close()
         view = memoryview(shard)
         offset = 0
         state = VersionState(encoded=False)
@@ -567,6 +619,7 @@ class SnapshotManager:
                 self.position,
                 _PeerShards(self, version, set(self.positions)),
                 version=version,
+                allocate=self._allocate_parity,
             )
         state.encoded = True
         return {
@@ -617,6 +670,16 @@ class SnapshotManager:
                 region.close()
                 region.unlink()
         self.regions.clear()
+        parity = list(self._parity_region.values()) + [
+            region for pool in self.parity_pool.values() for region in pool
+        ]
+        for state in self.versions.values():
+            state.parity = {}
+        self._parity_region.clear()
+        self.parity_pool.clear()
+        for region in parity:
+            region.close()
+            region.unlink()
 
 
 def _pid() -> int:

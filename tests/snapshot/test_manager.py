@@ -79,6 +79,18 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
                 sums = checksums(layout, regions[p][slot].buffer)
                 ray.get(managers[p].publish.remote(p, version, slot, layout.to_json(), sums))
             _wait_committed(managers, version)
+        # Parity is served from shared memory to peers on this host, the same bytes as the
+        # raw transfer a peer on another host gets.
+        survivor = managers[NUM_NODES - 1]
+        host, named = ray.get(survivor.parity_regions.remote(3))
+        raw = ray.get(survivor.parity_fragments.remote(3))
+        assert named and set(named) == set(raw)
+        for key, (name, nbytes) in named.items():
+            mapped = shm.attach_region(name)
+            try:
+                assert np.array_equal(mapped.array[:nbytes], raw[key])
+            finally:
+                mapped.close()
         lost = list(range(parity))  # parity losses in the one group: still recoverable
         expected = {p: ray.get(managers[p].rank_shard.remote(p, 3)).copy() for p in lost}
         meta = ray.get(managers[NUM_NODES - 1].version_meta.remote(3))
