@@ -377,6 +377,7 @@ class PipelineDriver:
         while True:
             gate_closed.holds(self._dispatch_rollouts())
             self._dispatch_learner_steps()
+            self._maybe_kill_rollout_actor()
             learner_starved.holds(
                 not self.learner_queue and not self.stop and self.next_step < self.num_steps
             )
@@ -471,11 +472,17 @@ class PipelineDriver:
             if step in self.kill_learner_at:
                 self.kill_learner_at.discard(step)
                 self._kill_learner(step)
-            if step in self.kill_rollout_at and self.inflight:
-                self.kill_rollout_at.discard(step)
-                victim = next(iter(self.inflight.values()))[0]
-                self.log(f"fault injection: killing rollout actor {victim} at step {step}")
-                ray.kill(self.actors[victim], no_restart=True)
+
+    def _maybe_kill_rollout_actor(self) -> None:
+        """Fault injection: once step N is handed out, kill an actor with a call in flight (at
+        the first moment one has a call in flight, so the kill always costs generated work)."""
+        due = [step for step in self.kill_rollout_at if step < self.next_step]
+        if not due or not self.inflight:
+            return
+        self.kill_rollout_at.difference_update(due)
+        victim = next(iter(self.inflight.values()))[0]
+        self.log(f"fault injection: killing rollout actor {victim} after step {min(due)}")
+        ray.kill(self.actors[victim], no_restart=True)
 
     def _kill_learner(self, step: int) -> None:
         """SIGKILL the learner's process by pid while it runs `step` (fault injection)."""
