@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): setup.py pyproject.toml Makefile
-	@if ! dpkg -s libaio-dev >/dev/null 2>&1; then \
+	@# libaio-dev: DeepSpeed's async I/O op; gcc/g++: that op, CPU Adam and the fused quantize kernels.
+	@if ! dpkg -s libaio-dev >/dev/null 2>&1 || ! command -v gcc >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev >/dev/null) \
-	      || echo "libaio-dev could not be installed: NVMe I/O falls back to the thread pool"; \
-	  else echo "libaio-dev missing and apt-get unavailable: NVMe I/O falls back to the thread pool"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libaio-dev gcc g++ >/dev/null) \
+	      || echo "libaio-dev/gcc could not be installed: NVMe I/O, CPU Adam and quantize kernels fall back to Python/torch"; \
+	  else echo "libaio-dev/gcc missing and apt-get unavailable: NVMe I/O, CPU Adam and quantize kernels fall back to Python/torch"; fi; \
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
