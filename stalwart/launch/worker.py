@@ -187,6 +187,9 @@ class TrainWorker:
     def shutdown(self) -> None:
         if self.agent is not None:
             self.agent.close()
+        offload = getattr(self.trainer, "offload", None)
+        if offload is not None:
+            offload.close()  # removes the rank's NVMe store now, not when the next engine starts
         parallel.destroy_process_group()
 
 
