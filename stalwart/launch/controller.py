@@ -654,7 +654,7 @@ class JobController:
         for manager in retiring.values():
             try:
                 prefix = ray.get(manager.region_prefix.remote(), timeout=10.0)
-            except Exception:  # died with its node: its regions are matched by position below
+            except Exception:  # already gone: nothing of it left to remove here
                 prefix = None
             try:
                 ray.kill(manager, no_restart=True)
