@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -38,10 +37,13 @@ def _train(model, optimizer, rank, first_step, num_steps):
         optimizer.step()
 
 
-def _worker(rank, port, fixed_buckets, results):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank, rendezvous, fixed_buckets, results):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    # A file rendezvous: a probed free port could be taken by another process before use.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE
+    )
     device = torch.device("cpu")
 
     def group():
@@ -65,29 +67,23 @@ def _worker(rank, port, fixed_buckets, results):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(fixed_buckets: bool) -> list[bool]:
+def _run(fixed_buckets: bool, rendezvous: str) -> list[bool]:
     context = mp.get_context("spawn")
     with context.Manager() as manager:
         results = manager.dict()
         mp.start_processes(
             _worker,
-            args=(_free_port(), fixed_buckets, results),
+            args=(rendezvous, fixed_buckets, results),
             nprocs=WORLD_SIZE,
             start_method="spawn",
         )
         return [results[rank] for rank in range(WORLD_SIZE)]
 
 
-def test_restarted_three_rank_group_is_bit_identical_with_fixed_buckets():
-    assert _run(fixed_buckets=True) == [True] * WORLD_SIZE
+def test_restarted_three_rank_group_is_bit_identical_with_fixed_buckets(tmp_path):
+    assert _run(True, str(tmp_path / "rendezvous")) == [True] * WORLD_SIZE
 
 
-def test_without_fixed_buckets_the_restarted_group_drifts():
+def test_without_fixed_buckets_the_restarted_group_drifts(tmp_path):
     # The failure the flag prevents, shown on the same data (deterministic, not flaky).
-    assert _run(fixed_buckets=False) != [True] * WORLD_SIZE
+    assert _run(False, str(tmp_path / "rendezvous")) != [True] * WORLD_SIZE

@@ -5,12 +5,14 @@ Each run spawns two fresh processes that train every variant in turn and write w
 (safetensors + JSON); a second run does the same, and the tests compare the files.
 """
 
+import datetime
 import json
-import socket
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
@@ -39,10 +41,17 @@ VARIANTS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def join_group(rank: int, rendezvous: str) -> None:
+    """A file rendezvous: a probed free TCP port can be taken by another process before the
+    store binds it, and a rank that then talks to that process aborts."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        backend="gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
 
 def _full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -54,16 +63,9 @@ def _full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     return full
 
 
-def _worker(rank: int, port: int, run_dir: str, out_dir: str) -> None:
+def _worker(rank: int, rendezvous: str, run_dir: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    parallel.init_process_group(
-        backend="gloo",
-        master_addr="127.0.0.1",
-        master_port=port,
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout_s=60,
-    )
+    join_group(rank, rendezvous)
     try:
         for variant, overrides in VARIANTS.items():
             config = load_config(None, [*BASE, f"parallel.world_size={WORLD_SIZE}", *overrides])
@@ -104,7 +106,8 @@ class Run:
 
 def spawn_run(run_dir: Path, out_dir: Path) -> Run:
     out_dir.mkdir()
-    mp.spawn(_worker, args=(free_port(), str(run_dir), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    rendezvous = str(out_dir / "rendezvous")
+    mp.spawn(_worker, args=(rendezvous, str(run_dir), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return Run(out_dir)
 
 
