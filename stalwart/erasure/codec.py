@@ -369,7 +369,7 @@ def encode_parity(
     parity_indices: Sequence[int] | None = None,
     num_threads: int = 1,
     segment_nbytes: int = DEFAULT_SEGMENT_NBYTES,
-    allocate: Callable[[int], bytearray] | None = None,
+    allocate: Callable[[int], bytearray | memoryview] | None = None,
 ) -> list[bytearray]:
     """Parity fragments of the stripe formed by ``data_chunks`` (k = len(data_chunks)).
 

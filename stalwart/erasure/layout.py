@@ -415,7 +415,7 @@ def compute_stripe_parity(
     version: int = 0,
     parity_indices: Sequence[int] | None = None,
     num_threads: int = 1,
-    allocate: Callable[[int], bytearray] | None = None,
+    allocate: Callable[[int], bytearray | memoryview] | None = None,
 ) -> dict[str, bytearray]:
     """Parity fragments of one stripe, keyed by :func:`parity_key` (``allocate``: see
     :func:`encode_parity`)."""
@@ -451,7 +451,7 @@ def compute_parity(
     *,
     version: int = 0,
     num_threads: int = 1,
-    allocate: Callable[[int], bytearray] | None = None,
+    allocate: Callable[[int], bytearray | memoryview] | None = None,
 ) -> dict[str, bytearray]:
     """The parity fragments ``node_id`` holds (headers and checksums included).
 

@@ -155,7 +155,7 @@ class JobController:
             self._wire_managers()
         self._start_workers(restore_version=None, durable_step=resume_step)
 
-    def _start_manager(self, position: int, *, replacement: bool = False):
+    def _start_manager(self, position: int):
         from stalwart.snapshot.manager import RemoteSnapshotManager
 
         snapshot = self.config.snapshot
@@ -173,7 +173,6 @@ class JobController:
             keep=snapshot.keep,
             num_threads=snapshot.manager_num_threads,
             wait_timeout_s=self.config.cluster.hang_timeout_s,
-            replacement=replacement,
         )
         self.managers[position] = manager
         return manager
@@ -399,7 +398,7 @@ class JobController:
         for position in dead:
             started = time.perf_counter()
             self.log(f"snapshot manager at position {position} died: restarting it on its node")
-            manager = self._start_manager(position, replacement=True)
+            manager = self._start_manager(position)
             ranks = self.ranks_of(position)
             # Queued before anything the ranks send it; the ranks switch at once (their next
             # snapshot waits for the new process to come up, so none of them runs far ahead).

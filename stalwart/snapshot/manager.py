@@ -126,7 +126,6 @@ class SnapshotManager:
         keep: int = 2,
         num_threads: int = 1,
         wait_timeout_s: float = 60.0,
-        replacement: bool = False,
     ):
         self.job_id = job_id
         self.position = position
@@ -139,7 +138,6 @@ class SnapshotManager:
         self.num_threads = num_threads
         self.wait_timeout_s = wait_timeout_s
         self.incarnation = uuid.uuid4().hex[:8]
-        self.replacement = replacement
         self.abandon_floor = 0
         self.regions: dict[int, list[shm.Region]] = {}
         self.slot_versions: dict[tuple[int, int], int | None] = {}
