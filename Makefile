@@ -25,6 +25,9 @@ $(STAMP): setup.py pyproject.toml Makefile
 	# DeepSpeed's setup imports torch, so it builds against the torch installed above.
 	$(PIP) install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(PIP) install -q -e ".[dev,hf,offload,tensorboard]"
+	@# Compile DeepSpeed's CPU Adam and libaio ops now (cached in ~/.cache/torch_extensions), not
+	@# inside the first training step or test; a failure only means the Python fallbacks run.
+	$(PY) -m stalwart.offload.ops
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -28,6 +28,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from stalwart.offload.ops import load_op
+
 logger = logging.getLogger(__name__)
 
 ALIGNMENT_BYTES = 4096
@@ -320,7 +322,7 @@ def load_libaio_module():
             raise RuntimeError(
                 "AsyncIOBuilder reports libaio is not usable (is libaio-dev installed?)"
             )
-        _LIBAIO_MODULE = builder.load(verbose=False)
+        _LIBAIO_MODULE = load_op(builder)
     except Exception as error:  # any build/import failure degrades to the thread pool
         _LIBAIO_FAILURE = f"{type(error).__name__}: {error}"
         logger.warning(

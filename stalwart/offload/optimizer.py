@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stalwart.offload.ops import load_op
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,7 +85,7 @@ def load_deepspeed_adam():
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
-        _DEEPSPEED_ADAM = CPUAdamBuilder().load(verbose=False)
+        _DEEPSPEED_ADAM = load_op(CPUAdamBuilder())
     except Exception as error:  # any build/import failure degrades to the torch kernel
         _DEEPSPEED_FAILURE = f"{type(error).__name__}: {error}"
         logger.warning(
