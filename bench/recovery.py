@@ -10,8 +10,9 @@ step, one spare node) run through the real `JobController` on an embedded Ray cl
                  run falls back to the newest checkpoint of the durable tier.
 
 For each recovery the controller's `Recovery` record gives detection, teardown, rebuild and
-restart (new worker processes, Trainer build, rendezvous, state load); the first step after the
-recovery completes `step_time_s` later. Failure-to-first-step = the record's total + that step.
+restart (rendezvous and state load of the standby workers that take over, or with --no-standby
+new worker processes and Trainer builds as well); the first step after the recovery completes
+`step_time_s` later. Failure-to-first-step = the record's total + that step.
 
 Restart itself is mostly process start on this machine, so the restore phase is also timed on
 its own, each in a fresh process that starts Python, imports torch and stalwart, builds the
@@ -51,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-heads", type=int, default=13)
     parser.add_argument("--context-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="cluster.standby_workers: false (every recovery starts fresh worker processes)",
+    )
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
@@ -88,6 +94,7 @@ def job_config(
             "cpus_per_worker": 1,
             "hang_timeout_s": 300,
             "capacity_timeout_s": 120,
+            "standby_workers": not args.no_standby,
         },
         "snapshot": {
             "every_steps": 1,
@@ -134,6 +141,7 @@ def run_controller_job(config_dict: dict, run_dir: Path) -> list[dict]:
                 "teardown_s": recovery.teardown_s,
                 "rebuild_s": recovery.rebuild_s,
                 "restart_s": recovery.restart_s,
+                "standby_ranks": recovery.standby_ranks,
                 "recovery_s": recovery.total_s,
                 "first_step_s": first_step_s,
                 "failure_to_first_step_s": recovery.total_s + first_step_s,
@@ -352,6 +360,7 @@ def main(argv=None) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     result = {
         "num_params": num_params,
+        "standby_workers": not args.no_standby,
         "state_bytes_per_rank": artifacts["state_bytes"],
         "recoveries": {
             "worker_kill_memory": worker_kill,
@@ -386,13 +395,13 @@ def print_table(result: dict) -> None:
     )
     print(
         f"{'recovery':<22}{'source':>9}{'detect':>8}{'teardown':>9}{'rebuild':>8}"
-        f"{'restart':>8}{'1st step':>9}{'total s':>9}"
+        f"{'restart':>8}{'1st step':>9}{'total s':>9}{'standby':>8}"
     )
     for name, row in result["recoveries"].items():
         print(
             f"{name:<22}{row['source']:>9}{row['detection_s']:>8.2f}{row['teardown_s']:>9.2f}"
             f"{row['rebuild_s']:>8.2f}{row['restart_s']:>8.2f}{row['first_step_s']:>9.2f}"
-            f"{row['failure_to_first_step_s']:>9.2f}"
+            f"{row['failure_to_first_step_s']:>9.2f}{row['standby_ranks']:>8}"
         )
     print(f"\n{'restart probe':<14}{'start s':>9}{'build s':>9}{'restore s':>11}{'1st step':>10}")
     for source, row in result["probes"].items():

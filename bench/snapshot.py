@@ -111,11 +111,13 @@ class BenchRank:
         self.trainer = None
         self.agent = None
         self.dcp_group = None
+        self.store = None
 
     def endpoint(self) -> tuple[str, int]:
-        from stalwart.launch.worker import free_port
+        from stalwart.trainer import parallel
 
-        return "127.0.0.1", free_port()
+        self.store = parallel.serve_store("127.0.0.1", 600)
+        return "127.0.0.1", self.store.port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         import torch
@@ -124,6 +126,7 @@ class BenchRank:
         from stalwart.trainer.loop import Trainer
 
         torch.set_num_threads(self.config.trainer.num_threads)
+        store = self.store or parallel.connect_store(master_addr, master_port, 600)
         parallel.init_process_group(
             backend="gloo",
             master_addr=master_addr,
@@ -131,6 +134,7 @@ class BenchRank:
             rank=self.rank,
             world_size=2,
             timeout_s=600,
+            store=store,
         )
         self.trainer = Trainer(self.config, rank=self.rank, world_size=2, run_dir=self.work_dir)
         num_params = sum(p.numel() for p in self.trainer.model.parameters())

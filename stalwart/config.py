@@ -146,6 +146,12 @@ class ClusterConfig(Section):
         "instead of waiting capacity_timeout_s for a node",
     )
     max_recoveries: int = Field(100, ge=0)
+    standby_workers: bool = Field(
+        True,
+        description="keep workers_per_node standby workers on every node (spares included), "
+        "each with its Trainer already built, so a recovery only joins the new process group "
+        "and loads the state; CPU jobs with DDP or no parallel wrapper (otherwise ignored)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ lost positions on spare nodes from the erasure-coded fragments, start a fresh wo
 that loads that version from local manager memory, and re-form the process group with a new
 rendezvous. With the same world size the run continues bit-for-bit. When the erasure code
 cannot cover the loss, the newest durable checkpoint is used and the lost steps are reported.
+
+Standby workers (`cluster.standby_workers`): every live node, spares included, keeps
+`workers_per_node` workers whose Trainer is already built. The new worker group of a recovery
+is made of them, so its restart is a rendezvous and a state load, not process starts, imports
+and model builds; the pool is refilled in the background once the group trains again.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from stalwart.launch.cluster import ClusterHandle
 from stalwart.launch.worker import TrainWorker
 
 POLL_S = 0.5
+NODE_VERDICT_S = 30.0  # Ray's default health checks declare a node dead within about 30 s
 MANAGER_CHECK_S = 2.0
 
 
@@ -64,6 +70,7 @@ class Recovery:
     restart_s: float  # new worker processes, rendezvous, Trainer build (restore included)
     restore_s: float  # loading the state into the Trainers (part of restart_s)
     detail: str = ""
+    standby_ranks: int = 0  # ranks taken over by prepared standby workers
 
     @property
     def total_s(self) -> float:
@@ -76,6 +83,7 @@ class Recovery:
             f"lost {self.lost_steps} step(s); detect {self.detection_s:.2f}s, teardown "
             f"{self.teardown_s:.2f}s, rebuild {self.rebuild_s:.2f}s, restart {self.restart_s:.2f}s, "
             f"(state load {self.restore_s:.2f}s), total {self.total_s:.2f}s"
+            + (f"; {self.standby_ranks} rank(s) from standby workers" if self.standby_ranks else "")
         )
 
 
@@ -123,6 +131,12 @@ class JobController:
         self._retiring_managers: dict[int, object] = {}
         self.attempt = 0
         self.history: list[dict] = []
+        self.standbys: dict[str, list] = {}  # node id -> standby workers (built or building)
+        self.standby_managers: dict[str, object] = {}  # spare node id -> idle manager
+        self.standby_manager_takeovers = 0
+        self.use_standbys = self._standbys_possible(config)
+        self.last_standby_ranks = 0
+        self._refill_after_step: int | None = None  # refill the standbys once past this step
 
     # -- placement -----------------------------------------------------------------------
 
@@ -134,6 +148,59 @@ class JobController:
 
     def _pin(self, node_id: str):
         return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+    @staticmethod
+    def _standbys_possible(config: RunConfig) -> bool:
+        from stalwart.trainer.loop import Trainer
+
+        return (
+            config.cluster.standby_workers
+            and config.cluster.gpus_per_worker == 0
+            and Trainer.can_attach_later(config)
+        )
+
+    def _new_worker(self, node_id: str, rank: int, position: int, *, standby: bool = False):
+        cluster_config = self.config.cluster
+        return TrainWorker.options(
+            # A standby only waits; it takes the CPUs of the rank it replaces, which are free
+            # by then (Ray's CPU count places actors, it does not confine them).
+            num_cpus=0 if standby else cluster_config.cpus_per_worker,
+            num_gpus=0 if standby else cluster_config.gpus_per_worker,
+            scheduling_strategy=self._pin(node_id),
+        ).remote(
+            self.config.to_dict(),
+            rank=rank,
+            world_size=self.world_size,
+            run_dir=str(self.run_dir),
+            position=position,
+        )
+
+    def _refill_standbys(self) -> None:
+        """Every live node gets workers_per_node standby workers and every spare node a standby
+        manager; those of departed nodes are dropped."""
+        if not self.config.cluster.standby_workers:
+            return
+        alive = [node.node_id for node in self.cluster.alive_nodes()]
+        if self.config.snapshot.enabled:
+            # A spare node that takes over a lost position needs a manager before anything
+            # else: have one running there already (it holds no memory until it rebuilds).
+            active = set(self.node_of.values())
+            for node_id in [n for n in self.standby_managers if n not in alive]:
+                _kill(self.standby_managers.pop(node_id))
+            for node_id in alive:
+                if node_id not in active and node_id not in self.standby_managers:
+                    self.standby_managers[node_id] = self._new_manager(node_id, -1)
+        if not self.use_standbys:
+            return
+        for node_id in [n for n in self.standbys if n not in alive]:
+            for worker in self.standbys.pop(node_id):
+                _kill(worker)
+        for node_id in alive:
+            pool = self.standbys.setdefault(node_id, [])
+            while len(pool) < self.workers_per_node:
+                worker = self._new_worker(node_id, -1, -1, standby=True)
+                worker.prepare.remote()  # setup waits for it (the worker's build lock)
+                pool.append(worker)
 
     def _spare_nodes(self) -> list[str]:
         used = set(self.node_of.values())
@@ -154,14 +221,34 @@ class JobController:
                 self._start_manager(position)
             self._wire_managers()
         self._start_workers(restore_version=None, durable_step=resume_step)
+        self._refill_standbys()
 
     def _start_manager(self, position: int):
+        """A manager for `position` on its node: the node's standby manager when it has one."""
+        standby = self.standby_managers.pop(self.node_of[position], None)
+        if standby is not None:
+            try:
+                ray.get(
+                    standby.assume_position.remote(
+                        position, self.positions, self.ranks_of(position)
+                    ),
+                    timeout=30.0,
+                )
+                self.managers[position] = standby
+                self.standby_manager_takeovers += 1
+                return standby
+            except Exception as error:  # it died with its node or on its own: start a fresh one
+                self.log(f"standby manager unusable ({error!r}); starting a new one")
+                _kill(standby)
+        manager = self._new_manager(self.node_of[position], position)
+        self.managers[position] = manager
+        return manager
+
+    def _new_manager(self, node_id: str, position: int):
         from stalwart.snapshot.manager import RemoteSnapshotManager
 
         snapshot = self.config.snapshot
-        manager = RemoteSnapshotManager.options(
-            scheduling_strategy=self._pin(self.node_of[position])
-        ).remote(
+        manager = RemoteSnapshotManager.options(scheduling_strategy=self._pin(node_id)).remote(
             job_id=self.job_id,
             position=position,
             positions=self.positions,
@@ -174,7 +261,6 @@ class JobController:
             num_threads=snapshot.manager_num_threads,
             wait_timeout_s=self.config.cluster.hang_timeout_s,
         )
-        self.managers[position] = manager
         return manager
 
     def _wire_managers(self) -> None:
@@ -185,22 +271,19 @@ class JobController:
     ) -> float:
         """Create the worker group, rendezvous, build/restore every Trainer. Returns seconds spent."""
         started = time.perf_counter()
-        config = self.config.to_dict()
         cluster_config = self.config.cluster
         self.workers = {}
+        standby_ranks = []
         for rank in range(self.world_size):
             position = self.position_of_rank(rank)
-            self.workers[rank] = TrainWorker.options(
-                num_cpus=cluster_config.cpus_per_worker,
-                num_gpus=cluster_config.gpus_per_worker,
-                scheduling_strategy=self._pin(self.node_of[position]),
-            ).remote(
-                config,
-                rank=rank,
-                world_size=self.world_size,
-                run_dir=str(self.run_dir),
-                position=position,
-            )
+            node_id = self.node_of[position]
+            pool = self.standbys.get(node_id) if self.use_standbys else None
+            if pool:
+                self.workers[rank] = pool.pop(0)
+                standby_ranks.append(rank)
+            else:
+                self.workers[rank] = self._new_worker(node_id, rank, position)
+        self.last_standby_ranks = len(standby_ranks)
         master_addr, master_port = ray.get(self.workers[0].endpoint.remote())
         setups = [
             worker.setup.remote(
@@ -211,6 +294,9 @@ class JobController:
                 durable_step=durable_step,
                 fault_events=self._worker_faults(rank),
                 attempt=self.attempt,
+                rank=rank,
+                world_size=self.world_size,
+                position=self.position_of_rank(rank),
                 **self._restore_sources.get(rank, {}),
             )
             for rank, worker in self.workers.items()
@@ -255,6 +341,7 @@ class JobController:
             "faults": self.fault_log,
             "manager_restarts": self.manager_restarts,
             "world_size": self.world_size,
+            "standby_manager_takeovers": self.standby_manager_takeovers,
         }
 
     def _watch(self, refs: dict) -> Failure | None:
@@ -271,6 +358,11 @@ class JobController:
                     cause = str(error).strip().splitlines()[-1] if str(error).strip() else ""
                     return self._classify([rank], f"rank {rank}: {type(error).__name__}: {cause}")
             idle = self._drain_progress()
+            if self._refill_after_step is not None and (
+                self.max_step_seen > self._refill_after_step
+            ):
+                self._refill_after_step = None
+                self._refill_standbys()
             self._controller_faults()
             self._replace_dead_managers()
             alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
@@ -305,21 +397,20 @@ class JobController:
             key: getattr(handle, method).remote(*(args_by_key[key] if args_by_key else args))
             for key, handle in handles.items()
         }
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        ready = set(ready)
-        results = {}
-        for key, ref in refs.items():
-            try:
-                results[key] = ray.get(ref) if ref in ready else None
-            except (RayActorError, RayTaskError):
-                results[key] = None
-        return results
+        return _gather(refs, timeout_s)
+
+    def _progress_refs(self) -> dict:
+        return {
+            rank: worker.progress.remote(self.cursors[rank])
+            for rank, worker in self.workers.items()
+        }
 
     def _drain_progress(self) -> dict[int, float]:
+        return self._absorb_progress(_gather(self._progress_refs(), 3.0))
+
+    def _absorb_progress(self, reports: dict) -> dict[int, float]:
+        """Log the ranks' new records; each rank's seconds since its last step (inf: silent)."""
         idle = {}
-        reports = self._call_all(
-            self.workers, "progress", args_by_key={r: (self.cursors[r],) for r in self.workers}
-        )
         for rank, report in reports.items():
             if report is None:
                 idle[rank] = float("inf")
@@ -342,12 +433,23 @@ class JobController:
         return idle
 
     def _classify(self, ranks: list[int], detail: str) -> Failure:
-        idle = self._drain_progress()
-        pids = self._call_all(self.workers, "pid")
-        dead = [rank for rank, pid in pids.items() if pid is None]
+        # Ask every worker and every manager at once: an actor on a lost node answers nothing
+        # until Ray declares the node dead, so each question costs the full timeout then.
+        progress = self._progress_refs()
+        pings = {position: manager.ping.remote() for position, manager in self.managers.items()}
+        answers = _gather(
+            {
+                **{("rank", r): ref for r, ref in progress.items()},
+                **{("position", p): ref for p, ref in pings.items()},
+            },
+            3.0,
+        )
+        reports = {rank: answers[("rank", rank)] for rank in progress}
+        idle = self._absorb_progress(reports)
+        dead = [rank for rank, report in reports.items() if report is None]
         ranks = sorted(set(dead) or set(ranks))
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
-        pings = self._call_all(self.managers, "ping")
+        pings = {position: answers[("position", position)] for position in pings}
         lost = [
             position
             for position, node_id in self.node_of.items()
@@ -501,6 +603,9 @@ class JobController:
         restart_and_reform_s = self._start_workers(
             restore_version=memory_version, durable_step=durable_step
         )
+        # New standbys start once this group has completed a step: their process starts and
+        # model builds would otherwise compete with the first step after the recovery.
+        self._refill_after_step = self.last_step
         lost_steps = max(0, failure.step - (version or 0))
         recovery = Recovery(
             kind=failure.kind,
@@ -513,6 +618,7 @@ class JobController:
             restart_s=restart_and_reform_s,
             restore_s=self.last_restore_s,
             detail=detail,
+            standby_ranks=self.last_standby_ranks,
         )
         self.recoveries.append(recovery)
         self.log(recovery.summary())
@@ -555,9 +661,9 @@ class JobController:
         # Node (or manager) loss: replace the lost positions.
         from stalwart.snapshot.shm import remove_regions
 
-        dead_nodes = [p for p in lost if self.node_of[p] not in self._alive_node_ids()]
-        if self.config.cluster.elastic and len(self._spare_nodes()) < len(dead_nodes):
-            return self._shrink(version, lost, corrupt)
+        if self.config.cluster.elastic and len(self._spare_nodes()) < len(lost):
+            if len(self._spare_nodes()) < len(self._departed(lost)):
+                return self._shrink(version, lost, corrupt)
         for position in lost:
             # On an embedded cluster the lost node's memory lies on this host: free it.
             remove_regions(f"stalwart-{self.job_id}-p{position}-")
@@ -570,6 +676,18 @@ class JobController:
         return self._rebuild(
             version, lost + corrupt, f"rebuilt positions {lost + corrupt} from parity"
         )
+
+    def _departed(self, positions: list[int]) -> list[int]:
+        """Which of `positions` lost their node. Their actors stop answering before Ray declares
+        the node dead (its health checks take a few seconds), so wait up to NODE_VERDICT_S for
+        Ray's verdict; a position whose node stays alive lost only its manager."""
+        deadline = time.monotonic() + NODE_VERDICT_S
+        while True:
+            alive = self._alive_node_ids()
+            departed = [p for p in positions if self.node_of[p] not in alive]
+            if len(departed) == len(positions) or time.monotonic() > deadline:
+                return departed
+            time.sleep(0.25)
 
     def _alive_node_ids(self) -> set[str]:
         return {node.node_id for node in self.cluster.alive_nodes()}
@@ -724,6 +842,12 @@ class JobController:
         }
 
     def shutdown(self) -> None:
+        for pool in self.standbys.values():
+            for worker in pool:
+                _kill(worker)
+        for manager in self.standby_managers.values():
+            _kill(manager)
+        self.standbys, self.standby_managers = {}, {}
         for worker in self.workers.values():
             try:
                 ray.get(worker.shutdown.remote(), timeout=10)
@@ -740,3 +864,23 @@ class JobController:
         from stalwart.snapshot.shm import remove_regions
 
         remove_regions(f"stalwart-{self.job_id}-")
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
+def _gather(refs: dict, timeout_s: float) -> dict:
+    """Each ref's result, waiting at most `timeout_s` for all; None for a failed or late one."""
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    ready = set(ready)
+    results = {}
+    for key, ref in refs.items():
+        try:
+            results[key] = ray.get(ref) if ref in ready else None
+        except (RayActorError, RayTaskError):
+            results[key] = None
+    return results

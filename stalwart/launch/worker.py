@@ -4,12 +4,15 @@ The controller creates one per rank, pinned to a node, and drives it: `setup` jo
 process group and builds (or restores) the Trainer, `run` steps until a target step, and
 `progress` (answered from another thread while `run` works) hands over the metrics recorded
 since the last poll, so the driver logs them and sees whether the rank still makes progress.
+
+A standby worker is created before it has a rank and `prepare`s: it builds its Trainer with
+no process group. When a recovery hands it a rank, `setup` only joins the new group, wraps the
+model for it and loads the state: no process start, no imports, no model build.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
@@ -19,12 +22,6 @@ import torch
 
 from stalwart.config import config_from_dict
 from stalwart.trainer import parallel
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class StopRequested(Exception):
@@ -45,12 +42,51 @@ class TrainWorker:
         self.last_progress_s = time.monotonic()
         self._stop = threading.Event()
         self._faults = None
+        self._store = None  # rank 0's rendezvous store
+        self._build_lock = threading.Lock()  # `setup` waits for a standby's `prepare`
+        self.prepared_s: float | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def _group_timeout_s(self) -> float:
+        # Longer than the controller's hang watchdog, which should see a hang first and tell
+        # it apart from a crash.
+        return 2 * self.config.cluster.hang_timeout_s + 30
+
     def endpoint(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+        """Serve the rendezvous store (rank 0) on a port the OS picks; its address and port."""
+        host = ray.util.get_node_ip_address()
+        if self._store is None:
+            self._store = parallel.serve_store(host, self._group_timeout_s())
+        return host, self._store.port
+
+    def _set_threads(self) -> None:
+        config = self.config
+        torch.set_num_threads(
+            config.trainer.num_threads or max(1, int(config.cluster.cpus_per_worker))
+        )
+
+    def prepare(self) -> dict:
+        """Standby: build the Trainer now, before this worker has a rank or a process group."""
+        from stalwart.trainer.loop import Trainer
+
+        started = time.perf_counter()
+        with self._build_lock:
+            if self.trainer is None:
+                # DistributedDataParallel's constructor imports torch._dynamo: over a second
+                # that would otherwise fall inside the recovery.
+                import torch._dynamo  # noqa: F401
+
+                self._set_threads()
+                self.trainer = Trainer(
+                    self.config, rank=0, world_size=self.world_size, run_dir=self.run_dir
+                )
+                self.prepared_s = time.perf_counter() - started
+        return {"pid": os.getpid(), "build_s": self.prepared_s}
 
     def setup(
         self,
@@ -64,32 +100,51 @@ class TrainWorker:
         attempt: int = 0,
         restore_rank: int | None = None,
         restore_manager=None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        position: int | None = None,
     ) -> dict:
         """Join the process group, build the Trainer, restore a snapshot version if asked.
 
         `restore_rank`/`restore_manager`: load the state another rank saved (from that rank's
         manager), when an elastic job continues on fewer ranks; by default this rank's own.
+        `rank`/`world_size`/`position` assign a standby worker its place.
         """
         from stalwart.trainer.loop import Trainer
 
+        if rank is not None:
+            self.rank = rank
+        if world_size is not None:
+            self.world_size = world_size
+        if position is not None:
+            self.position = position
         config = self.config
-        threads = config.trainer.num_threads or max(1, int(config.cluster.cpus_per_worker))
-        torch.set_num_threads(threads)
-        if self.world_size > 1:
-            backend = parallel.pick_backend(config.parallel.backend, torch.device("cpu"))
-            parallel.init_process_group(
-                backend=backend,
-                master_addr=master_addr,
-                master_port=master_port,
-                rank=self.rank,
-                world_size=self.world_size,
-                # Longer than the controller's hang watchdog, which should see a hang first
-                # and tell it apart from a crash.
-                timeout_s=2 * config.cluster.hang_timeout_s + 30,
-            )
-        self.trainer = Trainer(
-            config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
-        )
+        started = time.perf_counter()
+        with self._build_lock:
+            prepared = self.trainer is not None
+            self._set_threads()
+            if self.world_size > 1:
+                store = self._store
+                if store is None and self.rank != 0:
+                    store = parallel.connect_store(
+                        master_addr, master_port, self._group_timeout_s()
+                    )
+                parallel.init_process_group(
+                    backend=parallel.pick_backend(config.parallel.backend, torch.device("cpu")),
+                    master_addr=master_addr,
+                    master_port=master_port,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    timeout_s=self._group_timeout_s(),
+                    store=store,
+                )
+            if prepared:
+                self.trainer.attach_process_group(self.rank, self.world_size)
+            else:
+                self.trainer = Trainer(
+                    config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
+                )
+        join_s = time.perf_counter() - started
         restored_from = None
         restore_started = time.perf_counter()
         if durable_step is not None:
@@ -124,6 +179,9 @@ class TrainWorker:
             "rank": self.rank,
             "step": self.trainer.step,
             "restore_s": restore_s,
+            "join_s": join_s,
+            "setup_s": time.perf_counter() - started,
+            "standby": prepared,
             "restored_from": restored_from,
             "pid": os.getpid(),
         }

@@ -165,6 +165,18 @@ class SnapshotManager:
     def set_peers(self, peers: dict[int, object]) -> None:
         self.peers = {int(k): v for k, v in peers.items()}
 
+    def assume_position(self, position: int, positions: list[int], ranks: list[int]) -> None:
+        """A standby manager (started on a spare node before any loss) takes a lost position.
+
+        Nothing is allocated before this: slots come with the first `register` or `rebuild`."""
+        with self.cond:
+            if self.regions or self.versions:
+                raise RuntimeError("assume_position is for a standby manager that holds nothing")
+            self.position = position
+            self.positions = list(positions)
+            self.ranks = sorted(ranks)
+            self.layout = ErasureLayout(self.positions, self.layout.group_size, self.layout.parity)
+
     def ping(self) -> dict:
         return {"position": self.position, "committed": self.committed, "pid": _pid()}
 
@@ -573,6 +585,12 @@ class SnapshotManager:
             )
         shard_nbytes = sum(rank_meta[rank]["total_bytes"] for rank in mine)
         alive = set(self.positions) - set(lost_positions)
+        out = None
+        if len(mine) == 1:
+            # One rank per node: decode straight into its slot, no intermediate gigabyte buffer.
+            with self.cond:
+                self.register(mine[0], shard_nbytes)
+                out = self.regions[mine[0]][0].buffer[:shard_nbytes]
         surviving_parity, attached = self._surviving_parity(version, alive)
         try:
             shard = rebuild_shard(
@@ -582,6 +600,7 @@ class SnapshotManager:
                 _PeerShards(self, version, alive),
                 surviving_parity,
                 version=version,
+                out=out,
             )
         finally:
             surviving_parity.clear()
@@ -595,7 +614,10 @@ class SnapshotManager:
                 meta = rank_meta[rank]
                 self.register(rank, meta["total_bytes"])
                 region = self.regions[rank][0]
-                region.buffer[: meta["total_bytes"]] = view[offset : offset + meta["total_bytes"]]
+                if out is None:
+                    region.buffer[: meta["total_bytes"]] = view[
+                        offset : offset + meta["total_bytes"]
+                    ]
                 offset += meta["total_bytes"]
                 layout = json.loads(meta["layout_json"])
                 if list(compute_checksums(layout, region.buffer)) != list(meta["checksums"]):

@@ -105,6 +105,37 @@ class Trainer:
             else contextlib.nullcontext()
         )
 
+    @staticmethod
+    def can_attach_later(config: RunConfig) -> bool:
+        """Whether a Trainer built before its process group exists can join one later
+        (`attach_process_group`): DDP and no wrapper can, FSDP (which shards the parameters
+        when it wraps) and the offload engine cannot, nor can a GPU rank (its device
+        depends on its rank)."""
+        return (
+            config.offload.device == "none"
+            and config.parallel.strategy in ("ddp", "none")
+            and pick_device(config.trainer.device, 0).type == "cpu"
+        )
+
+    def attach_process_group(self, rank: int, world_size: int) -> None:
+        """Take rank `rank` of `world_size` in the process group initialised since this Trainer
+        was built without one (a standby worker). Only wraps the model: the optimizer holds the
+        same parameters, and the rest of the state comes from the snapshot loaded next."""
+        if not self.can_attach_later(self.config):
+            raise RuntimeError(
+                "attach_process_group needs a CPU Trainer with parallel.strategy ddp or none and "
+                "no offload"
+            )
+        if parallel.unwrap(self.model) is not self.model:
+            raise RuntimeError("this Trainer is already part of a process group")
+        self.rank, self.world_size = rank, world_size
+        self.model = parallel.parallelize(
+            self.model,
+            self.config.parallel.strategy,
+            self.device,
+            fixed_buckets=self.config.parallel.fixed_buckets,
+        )
+
     # -----------------------------------------------------------------------------------------
     # One step
 

@@ -25,6 +25,26 @@ def pick_backend(requested: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def serve_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """A rendezvous store on a port the OS picks (port 0), for rank 0 to hold.
+
+    Probing for a free port and binding it later races with every other process on the host;
+    binding port 0 cannot. `store.port` is what the other ranks connect to.
+    """
+    return dist.TCPStore(
+        host,
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A client of the store rank 0 serves at host:port."""
+    return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def init_process_group(
     *,
     backend: str,
@@ -33,17 +53,28 @@ def init_process_group(
     rank: int,
     world_size: int,
     timeout_s: float,
+    store: dist.Store | None = None,
 ) -> None:
-    """Join a fresh process group (a new rendezvous for every (re-)formation)."""
+    """Join a fresh process group (a new rendezvous for every (re-)formation).
+
+    With `store` (rank 0's from `serve_store`, the others' from `connect_store`) the group
+    forms over it; without, every rank uses the tcp:// init method on master_addr:master_port.
+    """
     if master_addr in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{master_addr}:{master_port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+    else:
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
 
 
 def destroy_process_group() -> None:

@@ -40,7 +40,7 @@ def test_two_node_job_trains_and_cleans_up(make_config):
         controller.start()
         pids = [ray.get(w.pid.remote()) for w in controller.workers.values()]
         pids += [ray.get(m.ping.remote())["pid"] for m in controller.managers.values()]
-        nodes = {ray.get(w.endpoint.remote())[0] for w in controller.workers.values()}
+        nodes = {ray.get(w.node_ip.remote()) for w in controller.workers.values()}
         summary = controller.run()
     finally:
         controller.shutdown()

@@ -37,16 +37,24 @@ def _assert_identical(reference, summary):
     assert summary["step"] == reference["step"]
 
 
-@pytest.mark.parametrize("phase", ["forward", "backward", "optimizer"])
-def test_worker_killed_in_each_phase_recovers_bit_identically(reference, make_config, phase):
+@pytest.mark.parametrize(
+    "phase, standby", [("forward", True), ("backward", True), ("optimizer", False)]
+)
+def test_worker_killed_in_each_phase_recovers_bit_identically(
+    reference, make_config, phase, standby
+):
+    # With standby workers the new group is made of Trainers built before the failure, with
+    # no process group, and wrapped when they join; without, of freshly started processes.
     config = _with_faults(
-        make_config(), [{"kind": "kill_worker", "step": 5, "phase": phase, "rank": 1}]
+        make_config(cluster={"standby_workers": standby}),
+        [{"kind": "kill_worker", "step": 5, "phase": phase, "rank": 1}],
     )
     summary = run_job(config, log=_quiet)
     assert len(summary["recoveries"]) == 1
     recovery = summary["recoveries"][0]
     assert recovery.kind == "process" and recovery.source == "memory"
     assert recovery.lost_steps <= 2
+    assert recovery.standby_ranks == (2 if standby else 0)
     _assert_identical(reference, summary)
 
 
@@ -55,6 +63,10 @@ def test_node_removed_recovers_from_parity_on_the_spare(reference, make_config):
     summary = run_job(config, log=_quiet)
     kinds = [(r.kind, r.source) for r in summary["recoveries"]]
     assert kinds == [("node", "erasure")], kinds
+    # the spare node's standby takes the lost rank, the survivor's node's standby the other;
+    # the manager already running on the spare takes the lost position
+    assert summary["recoveries"][0].standby_ranks == 2
+    assert summary["standby_manager_takeovers"] == 1
     _assert_identical(reference, summary)
 
 

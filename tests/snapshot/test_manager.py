@@ -98,8 +98,12 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
             cluster.remove_node(nodes[p].node_id)
         spare = nodes[NUM_NODES]
         # One spare here: the second replacement (parity 2) shares it, as two processes would.
+        # The replacements are standby managers, started before they know their position.
         for p in lost:
-            managers[p] = _manager(job_id, spare.node_id, p, parity)
+            managers[p] = _manager(job_id, spare.node_id, -1, parity)
+            ray.get(managers[p].assume_position.remote(p, list(range(NUM_NODES)), [p]))
+        with pytest.raises(ray.exceptions.RayTaskError, match="holds nothing"):
+            ray.get(survivor.assume_position.remote(0, list(range(NUM_NODES)), [0]))
         ray.get([m.set_peers.remote(managers) for m in managers.values()])
         reports = ray.get([managers[p].rebuild.remote(3, lost, meta) for p in lost])
         for p in lost:

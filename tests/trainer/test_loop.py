@@ -264,3 +264,30 @@ def test_tiny_example_trains(tmp_path):
     trainer = Trainer(config, run_dir=tmp_path)
     losses = [m["loss"] for m in train(trainer, 40)]
     assert sum(losses[-5:]) / 5 < losses[0] - 2.5, losses
+
+
+def test_a_trainer_built_before_its_process_group_trains_like_one_built_after(run_dir):
+    # A standby worker builds its Trainer first and attaches it when it gets a rank; with one
+    # process (no group) the attach must change nothing about what is computed.
+    first = make_trainer(run_dir)
+    second = make_trainer(run_dir)
+    second.attach_process_group(0, 1)
+    assert second.rank == 0 and second.world_size == 1
+    train(first, 3)
+    train(second, 3)
+    assert_bit_identical(parameters(first), parameters(second))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("parallel.strategy=fsdp",), ("offload.device=cpu",)],
+    ids=["fsdp", "offload"],
+)
+def test_attaching_later_is_refused_where_the_wrapper_changes_the_parameters(run_dir, overrides):
+    config = load_config(None, [*SMALL, f"run_dir={run_dir}", *overrides])
+    assert not Trainer.can_attach_later(config)
+
+
+def test_can_attach_later_for_ddp_on_cpu(run_dir):
+    config = load_config(None, [*SMALL, f"run_dir={run_dir}", "parallel.strategy=ddp"])
+    assert Trainer.can_attach_later(config)
