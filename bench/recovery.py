@@ -7,7 +7,8 @@ step, one spare node) run through the real `JobController` on an embedded Ray cl
                  memory), later a node is removed (rebuilt on the spare from the survivor's
                  parity, then restored from memory);
   job "durable"  no parity (m=0); a node is removed, the erasure code cannot cover it, and the
-                 run falls back to the newest checkpoint of the durable tier.
+                 run falls back to the newest checkpoint of the durable tier, read cold
+                 (evicted from the page cache first, as shared storage would be).
 
 For each recovery the controller's `Recovery` record gives detection, teardown, rebuild and
 restart (rendezvous and state load of the standby workers that take over, or with --no-standby
@@ -120,7 +121,22 @@ def run_controller_job(config_dict: dict, run_dir: Path) -> list[dict]:
         num_spare_nodes=config.cluster.num_spare_nodes,
         cpus_per_node=cpus_per_node(config),
     )
-    controller = JobController(config, cluster, run_dir, log=lambda line: print(f"  {line}"))
+
+    class ColdDurableController(JobController):
+        """Reads the durable tier cold, as a spare node reads it from shared storage: on one
+        machine the checkpoint the survivors just wrote would otherwise sit in the page cache."""
+
+        def _durable_fallback(self, why: str):
+            from stalwart.snapshot.persist import evict_from_page_cache
+
+            step, source, detail = super()._durable_fallback(why)
+            if source == "durable":
+                evict_from_page_cache(self.run_dir, step)
+            return step, source, detail
+
+    controller = ColdDurableController(
+        config, cluster, run_dir, log=lambda line: print(f"  {line}")
+    )
     try:
         controller.start()
         summary = controller.run()

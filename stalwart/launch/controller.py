@@ -637,7 +637,7 @@ class JobController:
             if position in lost:
                 continue
             try:
-                statuses[position] = ray.get(manager.status.remote(), timeout=10.0)
+                statuses[position] = ray.get(manager.freeze.remote(), timeout=10.0)
             except Exception:
                 lost.append(position)
         committed = [s["committed"] for s in statuses.values() if s["committed"] is not None]

@@ -139,6 +139,9 @@ class SnapshotManager:
         self.wait_timeout_s = wait_timeout_s
         self.incarnation = uuid.uuid4().hex[:8]
         self.abandon_floor = 0
+        # Set by the controller while it picks the version to restore (`freeze`): versions
+        # still become ready but none commits, so a commit cannot release the version chosen.
+        self.frozen = False
         self.regions: dict[int, list[shm.Region]] = {}
         self.slot_versions: dict[tuple[int, int], int | None] = {}
         self.versions: dict[int, VersionState] = {}
@@ -344,8 +347,10 @@ class SnapshotManager:
             state = self.versions.setdefault(version, VersionState())
             state.ready_positions.add(position)
             state.rank_meta.update({int(rank): meta for rank, meta in rank_meta.items()})
-            if state.ready_positions >= set(self.positions) and (
-                self.committed is None or version > self.committed
+            if (
+                not self.frozen
+                and state.ready_positions >= set(self.positions)
+                and (self.committed is None or version > self.committed)
             ):
                 self._commit(version)
 
@@ -443,11 +448,28 @@ class SnapshotManager:
                     state.failed = "abandoned: older than a replaced peer's first version"
             self.cond.notify_all()
 
+    def freeze(self) -> dict:
+        """Commit nothing until `resume_at`; returns the status. A recovery reads the committed
+        versions after freezing every manager, so none of them moves on (releasing the version
+        the controller is about to restore) while it decides."""
+        with self.cond:
+            self.frozen = True
+        return self.status()
+
     def resume_at(self, version: int) -> None:
         """The job restarts after `version`: versions above it that never committed belong to
-        the dead attempt (they will be published afresh), and no floor applies any more."""
+        the dead attempt (they will be published afresh), and no floor applies any more.
+        `version` itself commits here if a frozen commit held it back (the controller chose
+        it because another manager had committed it, so every position was ready)."""
         with self.cond:
+            self.frozen = False
             self.abandon_floor = 0
+            if (
+                version in self.versions
+                and (self.committed is None or version > self.committed)
+                and set(self.versions[version].local) >= set(self.ranks)
+            ):
+                self._commit(version)
             stale = [
                 v
                 for v in self.versions
