@@ -283,6 +283,17 @@ class JobController:
                 standby_ranks.append(rank)
             else:
                 self.workers[rank] = self._new_worker(node_id, rank, position)
+        if standby_ranks:
+            # A standby that died while it waited (its process, not its node) would leave the
+            # others waiting at the rendezvous: ask each for its pid first.
+            pids = _gather({rank: self.workers[rank].pid.remote() for rank in standby_ranks}, 10.0)
+            for rank in [r for r, pid in pids.items() if pid is None]:
+                self.log(f"standby worker for rank {rank} does not answer: starting a new one")
+                _kill(self.workers[rank])
+                self.workers[rank] = self._new_worker(
+                    self.node_of[self.position_of_rank(rank)], rank, self.position_of_rank(rank)
+                )
+                standby_ranks.remove(rank)
         self.last_standby_ranks = len(standby_ranks)
         master_addr, master_port = ray.get(self.workers[0].endpoint.remote())
         setups = [

@@ -70,6 +70,33 @@ def test_node_removed_recovers_from_parity_on_the_spare(reference, make_config):
     _assert_identical(reference, summary)
 
 
+def test_a_dead_standby_is_replaced_by_a_fresh_worker(tmp_path, config_at):
+    import ray
+
+    from stalwart.launch.cluster import connect
+    from stalwart.launch.controller import JobController
+    from stalwart.launch.job import cpus_per_node
+
+    config = _with_faults(
+        config_at(tmp_path, trainer={"max_steps": 8}),
+        [{"kind": "kill_worker", "step": 5, "phase": "forward", "rank": 1}],
+    )
+    cluster = connect(num_nodes=2, num_spare_nodes=1, cpus_per_node=cpus_per_node(config))
+    controller = JobController(config, cluster, config.resolved_run_dir(), log=_quiet)
+    try:
+        controller.start()
+        node_1 = controller.node_of[1]
+        doomed = controller.standbys[node_1][0]
+        ray.kill(doomed, no_restart=True)
+        summary = controller.run()
+    finally:
+        controller.shutdown()
+        cluster.shutdown()
+    assert summary["step"] == 8
+    (recovery,) = summary["recoveries"]
+    assert recovery.source == "memory" and recovery.standby_ranks == 1
+
+
 def test_hung_worker_is_detected_and_recovered(reference, make_config):
     config = _with_faults(
         make_config(cluster={"hang_timeout_s": 8}),
