@@ -239,8 +239,11 @@ def test_losses_beyond_parity_fall_back_to_the_durable_tier_and_report_lost_step
     summary = run_job(faulted, log=messages.append)
     durable = [r for r in summary["recoveries"] if r.source == "durable"]
     assert durable, messages
-    assert durable[0].restored_version == 6 and durable[0].lost_steps >= 1, durable[0].summary()
-    assert any("falling back to the durable checkpoint of step 6" in m for m in messages), messages
+    # The managers write checkpoints in the background: step 6's is complete when the nodes die
+    # unless the machine is slow, and an incomplete one is never used (step 3's is, then).
+    restored = durable[0].restored_version
+    assert restored in (3, 6) and durable[0].lost_steps >= 8 - 1 - restored, durable[0].summary()
+    assert any(f"falling back to the durable checkpoint of step {restored}" in m for m in messages)
     _assert_identical(clean, summary)
 
 
