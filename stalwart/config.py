@@ -147,10 +147,11 @@ class ClusterConfig(Section):
     )
     max_recoveries: int = Field(100, ge=0)
     standby_workers: bool = Field(
-        True,
+        False,
         description="keep workers_per_node standby workers on every node (spares included), "
-        "each with its Trainer already built, so a recovery only joins the new process group "
-        "and loads the state; CPU jobs with DDP or no parallel wrapper (otherwise ignored)",
+        "each with its Trainer already built, and a standby snapshot manager on every spare "
+        "node, so a recovery only joins the new process group and loads the state; standby "
+        "workers need CPU jobs with DDP or no parallel wrapper (otherwise fresh processes)",
     )
 
 

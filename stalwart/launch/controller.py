@@ -17,7 +17,7 @@ that loads that version from local manager memory, and re-form the process group
 rendezvous. With the same world size the run continues bit-for-bit. When the erasure code
 cannot cover the loss, the newest durable checkpoint is used and the lost steps are reported.
 
-Standby workers (`cluster.standby_workers`): every live node, spares included, keeps
+Standby workers (`cluster.standby_workers`, off by default): every live node, spares included, keeps
 `workers_per_node` workers whose Trainer is already built. The new worker group of a recovery
 is made of them, so its restart is a rendezvous and a state load, not process starts, imports
 and model builds; the pool is refilled in the background once the group trains again.

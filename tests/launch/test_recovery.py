@@ -59,7 +59,10 @@ def test_worker_killed_in_each_phase_recovers_bit_identically(
 
 
 def test_node_removed_recovers_from_parity_on_the_spare(reference, make_config):
-    config = _with_faults(make_config(), [{"kind": "kill_node", "step": 4, "node": 1}])
+    config = _with_faults(
+        make_config(cluster={"standby_workers": True}),
+        [{"kind": "kill_node", "step": 4, "node": 1}],
+    )
     summary = run_job(config, log=_quiet)
     kinds = [(r.kind, r.source) for r in summary["recoveries"]]
     assert kinds == [("node", "erasure")], kinds
@@ -78,7 +81,7 @@ def test_a_dead_standby_is_replaced_by_a_fresh_worker(tmp_path, config_at):
     from stalwart.launch.job import cpus_per_node
 
     config = _with_faults(
-        config_at(tmp_path, trainer={"max_steps": 8}),
+        config_at(tmp_path, trainer={"max_steps": 8}, cluster={"standby_workers": True}),
         [{"kind": "kill_worker", "step": 5, "phase": "forward", "rank": 1}],
     )
     cluster = connect(num_nodes=2, num_spare_nodes=1, cpus_per_node=cpus_per_node(config))
