@@ -444,23 +444,15 @@ class JobController:
         return idle
 
     def _classify(self, ranks: list[int], detail: str) -> Failure:
-        # Ask every worker and every manager at once: an actor on a lost node answers nothing
-        # until Ray declares the node dead, so each question costs the full timeout then.
-        progress = self._progress_refs()
-        pings = {position: manager.ping.remote() for position, manager in self.managers.items()}
-        answers = _gather(
-            {
-                **{("rank", r): ref for r, ref in progress.items()},
-                **{("position", p): ref for p, ref in pings.items()},
-            },
-            3.0,
-        )
-        reports = {rank: answers[("rank", rank)] for rank in progress}
-        idle = self._absorb_progress(reports)
-        dead = [rank for rank, report in reports.items() if report is None]
+        # One question after another, each with its own deadline: the time this takes also
+        # lets Ray notice every node a multi-node fault removed (asking all at once missed the
+        # second of two nodes lost together).
+        idle = self._drain_progress()
+        pids = self._call_all(self.workers, "pid")
+        dead = [rank for rank, pid in pids.items() if pid is None]
         ranks = sorted(set(dead) or set(ranks))
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
-        pings = {position: answers[("position", position)] for position in pings}
+        pings = self._call_all(self.managers, "ping")
         lost = [
             position
             for position, node_id in self.node_of.items()
@@ -832,8 +824,7 @@ class JobController:
         from stalwart.snapshot.persist import latest_step
 
         step = latest_step(self.run_dir)
-        for manager in self.managers.values():
-            ray.get(manager.reset.remote())
+        self._call_all(self.managers, "reset", timeout_s=30.0)  # a dead one is replaced later
         if step is None:
             self.log(
                 f"cannot restore from memory ({why}) and no durable checkpoint exists: restarting from step 0"
