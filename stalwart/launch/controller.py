@@ -410,17 +410,11 @@ class JobController:
         }
         return _gather(refs, timeout_s)
 
-    def _progress_refs(self) -> dict:
-        return {
-            rank: worker.progress.remote(self.cursors[rank])
-            for rank, worker in self.workers.items()
-        }
-
     def _drain_progress(self) -> dict[int, float]:
-        return self._absorb_progress(_gather(self._progress_refs(), 3.0))
-
-    def _absorb_progress(self, reports: dict) -> dict[int, float]:
         """Log the ranks' new records; each rank's seconds since its last step (inf: silent)."""
+        reports = self._call_all(
+            self.workers, "progress", args_by_key={r: (self.cursors[r],) for r in self.workers}
+        )
         idle = {}
         for rank, report in reports.items():
             if report is None:

@@ -119,7 +119,6 @@ class TrainWorker:
         if position is not None:
             self.position = position
         config = self.config
-        started = time.perf_counter()
         with self._build_lock:
             prepared = self.trainer is not None
             self._set_threads()
@@ -144,7 +143,6 @@ class TrainWorker:
                 self.trainer = Trainer(
                     config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
                 )
-        join_s = time.perf_counter() - started
         restored_from = None
         restore_started = time.perf_counter()
         if durable_step is not None:
@@ -179,9 +177,6 @@ class TrainWorker:
             "rank": self.rank,
             "step": self.trainer.step,
             "restore_s": restore_s,
-            "join_s": join_s,
-            "setup_s": time.perf_counter() - started,
-            "standby": prepared,
             "restored_from": restored_from,
             "pid": os.getpid(),
         }
