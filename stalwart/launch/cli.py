@@ -8,7 +8,7 @@ stalwart demo                                              the fault-tolerance d
 stalwart report RUN_DIR                                    plot the loss curve
 stalwart data prepare ...                                  text/JSONL -> token Parquet
 stalwart finetune ...                                      HF model + NVMe offload on one machine
-stalwart rl run.yaml | rl analyze ... | rl fit ...         RL with verifiable rewards
+stalwart rl run.yaml | rl resume RUN_DIR | rl analyze | rl fit  RL with verifiable rewards
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl_commands = rl.add_subparsers(dest="rl_command")
     rl_run = rl_commands.add_parser("run", help="run an RL job")
     _lazy(rl_run, "stalwart.launch.rl_driver", "add_rl_arguments", "run_rl")
+    rl_resume = rl_commands.add_parser(
+        "resume", help="continue a stopped RL run from its durable checkpoint"
+    )
+    _lazy(rl_resume, "stalwart.launch.rl_driver", "add_resume_arguments", "resume_rl")
     analyze = rl_commands.add_parser("analyze", help="pass@k, support and entropy of samples")
     _lazy(analyze, "stalwart.trainer.rl.analysis", "add_analyze_arguments", "run_analyze")
     fit = rl_commands.add_parser("fit", help="sigmoid compute-performance fit")

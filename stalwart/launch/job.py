@@ -64,6 +64,8 @@ def resume_job(
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a stalwart run directory?")
+    if (run_dir / "rl_state").is_dir():
+        raise ValueError(f"{run_dir} is an RL run: resume it with `stalwart rl resume {run_dir}`")
     config = load_config(config_path, overrides)
     step = latest_step(run_dir)
     if step is None:

@@ -80,6 +80,15 @@ LEARNER_QUEUE_DEPTH = 2
 # How long a recovery waits for the manager to commit a version the dead learner had published.
 COMMIT_WAIT_S = 10.0
 LEARNER_RANK = 0
+# What the learner (and its standby) ask of `rl.learner_node_resource`: a token, not a budget.
+LEARNER_RESOURCE_SHARE = 0.001
+STATE_DIRNAME = "rl_state"
+# Fault injection (`faults.events`, by learner step) an RL run understands.
+RL_FAULTS = {
+    "kill_worker": "SIGKILL the learner",
+    "kill_node": "remove the learner's node",
+    "kill_manager": "kill the learner's snapshot manager",
+}
 
 # ---------------------------------------------------------------------------------------------
 # Actors
@@ -93,18 +102,30 @@ class LearnerActor:
         self.agent = None
 
     def where(self) -> dict:
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+        }
 
-    def connect(self, manager, restore_version: int | None) -> dict:
-        """Restore `restore_version` from the manager's memory (if given) and start snapshotting."""
+    def connect(
+        self, manager, restore_version: int | None, durable: tuple[str, int] | None = None
+    ) -> dict:
+        """Restore `restore_version` from the manager's memory, or the durable checkpoint
+        `durable` = (run_dir, step), if given; then snapshot into `manager` (if any)."""
         from stalwart.snapshot.agent import SnapshotAgent
-        from stalwart.snapshot.restore import load_from_manager
+        from stalwart.snapshot.restore import load_from_durable, load_from_manager
 
         restore_s = 0.0
+        started = time.perf_counter()
         if restore_version is not None:
-            started = time.perf_counter()
             load_from_manager(self.learner, manager, LEARNER_RANK, restore_version)
             restore_s = time.perf_counter() - started
+        elif durable is not None:
+            load_from_durable(self.learner, durable[0], LEARNER_RANK, durable[1])
+            restore_s = time.perf_counter() - started
+        if manager is None:
+            return {"version": self.learner.version, "restore_s": restore_s}
         self.agent = SnapshotAgent(
             self.learner,
             manager,
@@ -115,6 +136,15 @@ class LearnerActor:
 
     def warmup(self, num_steps: int) -> dict:
         return self.learner.warmup(num_steps)
+
+    def flush_snapshots(self) -> int | None:
+        """Wait until every snapshot taken so far reached the manager; the newest version."""
+        self.agent.flush()
+        return self.agent.last_version
+
+    def set_manager(self, manager) -> int:
+        """Snapshot into a replacement manager (the node's manager died); see SnapshotAgent."""
+        return self.agent.set_manager(manager)
 
     def snapshot(self) -> int:
         """Snapshot the current version now and wait until the manager has it."""
@@ -132,6 +162,7 @@ class LearnerActor:
             last = self.agent.last_version
             metrics["snapshot_published_version"] = -1 if last is None else last
             metrics["snapshot_blocking_s"] = self.agent.last_blocking_s
+            metrics["snapshot_manager_lost"] = float(self.agent.manager_lost)
         started = time.perf_counter()
         weights = self.learner.weights().as_tuple()
         metrics["weights_pack_s"] = time.perf_counter() - started
@@ -221,6 +252,8 @@ class PipelineDriver:
         rollout_queue_depth: int,
         learner_queue_depth: int,
         log,
+        resume_step: int | None = None,
+        cluster=None,
     ):
         if rollout_queue_depth < 1 or learner_queue_depth < 1:
             raise ValueError(
@@ -231,9 +264,24 @@ class PipelineDriver:
         self.rl = config.rl
         self.tree = config.to_dict()
         self.time_budget_s = time_budget_s
+        events = config.faults.events
+        unsupported = sorted({e.kind for e in events} - set(RL_FAULTS))
+        if unsupported:
+            raise ValueError(
+                f"faults.events: {unsupported} cannot be injected into an RL run; it supports "
+                f"{', '.join(f'{k} ({v})' for k, v in RL_FAULTS.items())}"
+            )
         self.kill_learner_at = set(kill_learner_at_steps) | {
-            e.step for e in config.faults.events if e.kind == "kill_worker"
+            e.step for e in events if e.kind == "kill_worker"
         }
+        self.kill_node_at = {e.step for e in events if e.kind == "kill_node"}
+        self.kill_manager_at = {e.step for e in events if e.kind == "kill_manager"}
+        if self.kill_node_at and (cluster is None or not cluster.embedded):
+            raise ValueError(
+                "faults.events: kill_node removes a node of an embedded cluster; run the job on "
+                "one (stalwart.launch.cluster.connect without an address) or drop the event"
+            )
+        self.cluster = cluster
         self.kill_rollout_at = set(kill_rollout_at_steps)
         self.rollout_queue_depth = rollout_queue_depth
         self.learner_queue_depth = learner_queue_depth
@@ -254,7 +302,13 @@ class PipelineDriver:
             "recoveries": [],
             "evals": [],
         }
+        self.run_dir = Path(config.resolved_run_dir())
+        self.resume_step = resume_step
+        # Pipeline state (prompt pool, dispatch sequence) as of the first dispatch for a step,
+        # for the steps the durable tier persists: what a restart from that checkpoint needs.
+        self.dispatch_states: dict[int, dict] = {}
         self.job_id = f"rl{uuid.uuid4().hex[:8]}"
+        self.job_ids = [self.job_id]  # one per manager generation (its memory regions' prefix)
         self.manager = None
         self.learner = None
         self.standby = None
@@ -278,7 +332,9 @@ class PipelineDriver:
     # -- setup and teardown ------------------------------------------------------------------
 
     def _start_learner(self, node_id: str | None = None):
-        options = {"scheduling_strategy": _pin(node_id)} if node_id else {}
+        options: dict[str, Any] = {"scheduling_strategy": _pin(node_id)} if node_id else {}
+        if self.rl.learner_node_resource:
+            options["resources"] = {self.rl.learner_node_resource: LEARNER_RESOURCE_SHARE}
         return LearnerActor.options(**options).remote(self.tree)
 
     def _start_manager(self, node_id: str):
@@ -308,7 +364,8 @@ class PipelineDriver:
                 return committed
             time.sleep(0.02)
 
-    def setup(self) -> None:
+    def _start_learner_group(self) -> None:
+        """The learner, and with snapshots its node's manager and a hot standby learner."""
         self.learner = self._start_learner()
         self.learner_where = ray.get(self.learner.where.remote())
         if self.config.snapshot.enabled:
@@ -318,26 +375,54 @@ class PipelineDriver:
             # loads the snapshot into it instead of waiting for a new process to start.
             self.standby = self._start_learner(node_id)
             ray.get(self.standby.where.remote())
-        if self.rl.warmup_sft_steps:
-            self.record["warmup"] = ray.get(self.learner.warmup.remote(self.rl.warmup_sft_steps))
-            self.log(f"supervised warm-up: {self.record['warmup']}")
-        if self.manager is not None:
-            ray.get(self.learner.connect.remote(self.manager, None))
-            ray.get(self.learner.snapshot.remote())
-            if self._committed_version(at_least=0) is None:
-                raise RuntimeError("the snapshot manager did not commit the learner's version 0")
-        self.weights_ref = self.learner.weights.remote()
-        self.published_version = 0
-        self.checkpoints: dict[int, Any] = {0: self.weights_ref}
+
+    def _start_rollout_actors(self) -> None:
         self.actors = [
             RolloutActor.remote(self.tree, i) for i in range(self.rl.num_rollout_workers)
         ]
         # Process start-up (imports, model build) is not pipeline time: wait for it here.
         ray.get([actor.pid.remote() for actor in self.actors])
 
-    def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+    def setup(self) -> None:
+        self._start_learner_group()
+        start = 0
+        if self.resume_step is not None:
+            start = self.resume_step
+            self.pool.load_state_dict(self._read_dispatch_state(start)["pool"])
+            info = ray.get(
+                self.learner.connect.remote(self.manager, None, (str(self.run_dir), start))
+            )
+            if info["version"] != start:
+                raise RuntimeError(
+                    f"the durable checkpoint of step {start} holds learner version "
+                    f"{info['version']}: the checkpoint directory is inconsistent"
+                )
+            self.record["resumed_from"] = start
+            self.log(f"resumed from the durable checkpoint of step {start}")
+        else:
+            if self.rl.warmup_sft_steps:
+                self.record["warmup"] = ray.get(
+                    self.learner.warmup.remote(self.rl.warmup_sft_steps)
+                )
+                self.log(f"supervised warm-up: {self.record['warmup']}")
+            if self.manager is not None:
+                ray.get(self.learner.connect.remote(self.manager, None))
+        if self.manager is not None:
+            ray.get(self.learner.snapshot.remote())
+            if self._committed_version(at_least=start) is None:
+                raise RuntimeError(
+                    f"the snapshot manager did not commit the learner's version {start}"
+                )
+        self.start_version = start
+        self.weights_ref = self.learner.weights.remote()
+        self.published_version = start
+        self.checkpoints: dict[int, Any] = {start: self.weights_ref}
+        self._start_rollout_actors()
+
+    def _stop_learner_group(self) -> None:
+        """Stop the learner, its standby and its manager; release the manager's memory."""
+        from stalwart.snapshot.shm import remove_regions
+
         for learner in (self.learner, self.standby):
             if learner is not None:
                 ray.kill(learner, no_restart=True)
@@ -347,10 +432,15 @@ class PipelineDriver:
             except Exception:  # already gone: its regions are removed below
                 pass
             ray.kill(self.manager, no_restart=True)
-            from stalwart.snapshot.shm import remove_regions
+        for job_id in self.job_ids:
+            remove_regions(f"stalwart-{job_id}-")
+        self.learner, self.standby, self.manager = None, None, None
 
-            remove_regions(f"stalwart-{self.job_id}-")
-        self.actors, self.learner, self.standby, self.manager = [], None, None, None
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        self._stop_learner_group()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -359,12 +449,15 @@ class PipelineDriver:
         self.outstanding = [0] * len(self.actors)  # generation calls queued per actor
         self.slots: dict[int, list[dict] | None] = {}  # dispatch sequence -> groups (None: running)
         self.next_sequence = 0
+        if self.resume_step is not None:
+            self.next_sequence = self._read_dispatch_state(self.resume_step)["next_sequence"]
         self.pending_groups = 0  # dispatched and not yet handed to the learner
-        self.next_step = 0  # next learner step to hand a batch to
+        self.next_step = self.start_version  # next learner step to hand a batch to
         self.learner_queue: deque = deque()  # (step, metrics ref, weights ref), oldest first
         self.batches: dict[int, list[dict]] = {}  # kept until a newer snapshot is published
-        self.published_snapshots: list[int] = [0]
+        self.published_snapshots: list[int] = [self.start_version]
         self.pending_recovery: tuple[dict, float] | None = None
+        self.replacing_manager = False
         self.rollout_recoveries: dict[Any, dict] = {}  # dead actor handle -> its recovery record
         self.kill_time: float | None = None
         self.num_sampled_tokens = 0
@@ -393,7 +486,74 @@ class PipelineDriver:
                 self._on_learner_result()
             else:
                 self._on_rollout_result(done[0])
+        if not self.stop:
+            # Nothing was drawn for a step past the last: the pool is as a longer run (resumed
+            # with a larger trainer.max_steps) would find it.
+            self._save_dispatch_state(self.num_steps)
+        if self.manager is not None and self.config.snapshot.persist_every:
+            # The last version reaches the manager, commits, and its checkpoint is on disk.
+            try:
+                newest = ray.get(self.learner.flush_snapshots.remote())
+                if newest is not None:
+                    self._committed_version(at_least=newest)
+                ray.get(self.manager.flush_durable.remote())
+            except RayActorError as error:  # died after its last step: the run itself is done
+                self.log(f"the final version was not made durable: {error}")
         return self._summary()
+
+    # -- pipeline state for the durable tier -------------------------------------------------
+
+    def _state_path(self, step: int) -> Path:
+        return self.run_dir / STATE_DIRNAME / f"step_{step}.json"
+
+    def _save_dispatch_state(self, step: int) -> None:
+        """Before the first prompt of `step`'s batch is drawn: the prompt pool and the dispatch
+        sequence. Kept for the steps the durable tier persists; written atomically next to the
+        checkpoints, so a restart from checkpoint `step` draws exactly the prompts (and the
+        sampling seeds) this run draws from here on."""
+        every = self.config.snapshot.persist_every
+        if not every or step % every:
+            return
+        state = {"step": step, "next_sequence": self.next_sequence, "pool": self.pool.state_dict()}
+        self.dispatch_states[step] = state
+        for old in [
+            s for s in self.dispatch_states if s < step - every * self.config.snapshot.keep
+        ]:
+            del self.dispatch_states[old]
+        path = self._state_path(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".tmp-{path.name}")
+        temporary.write_text(json.dumps(state))
+        temporary.replace(path)
+        from stalwart.snapshot.persist import list_checkpoints
+
+        kept = list_checkpoints(self.run_dir)
+        if kept:
+            for other in path.parent.glob("step_*.json"):
+                number = other.stem.removeprefix("step_")
+                if number.isdigit() and int(number) < kept[0]:
+                    other.unlink(missing_ok=True)
+
+    def _read_dispatch_state(self, step: int) -> dict:
+        if step in self.dispatch_states:
+            return self.dispatch_states[step]
+        path = self._state_path(step)
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} is missing: the durable checkpoint of step {step} has no RL pipeline "
+                "state (was it written by `stalwart train`?)"
+            ) from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the file is corrupt") from None
+        if state.get("step") != step or not isinstance(state.get("next_sequence"), int):
+            raise ValueError(f"{path} does not describe step {step}: the file is corrupt")
+        return state
+
+    def _durable_candidates(self) -> list[int]:
+        """Durable checkpoints that carry their pipeline state, newest first."""
+        return durable_resume_steps(self.run_dir, known=set(self.dispatch_states))
 
     def _out_of_time(self) -> bool:
         return (
@@ -417,6 +577,10 @@ class PipelineDriver:
             if size == 0:
                 consume_step = self.next_step + self.pending_groups // self.groups_per_step
                 return consume_step < self.num_steps
+            if self.pending_groups % self.groups_per_step == 0:
+                self._save_dispatch_state(
+                    self.next_step + self.pending_groups // self.groups_per_step
+                )
             tasks = self.pool.take(size)
             seed = int(
                 np.random.SeedSequence(
@@ -472,6 +636,15 @@ class PipelineDriver:
             if step in self.kill_learner_at:
                 self.kill_learner_at.discard(step)
                 self._kill_learner(step)
+            if step in self.kill_node_at:
+                self.kill_node_at.discard(step)
+                self.log(f"fault injection: removing the learner's node during step {step}")
+                self.kill_time = time.perf_counter()
+                self.cluster.remove_node(self.learner_where["node_id"])
+            if step in self.kill_manager_at and self.manager is not None:
+                self.kill_manager_at.discard(step)
+                self.log(f"fault injection: killing the learner's snapshot manager at step {step}")
+                ray.kill(self.manager, no_restart=True)
 
     def _maybe_kill_rollout_actor(self) -> None:
         """Fault injection: once step N is handed out, kill an actor with a call in flight (at
@@ -489,7 +662,8 @@ class PipelineDriver:
         pid, node_id = self.learner_where["pid"], self.learner_where["node_id"]
         self.log(f"fault injection: SIGKILL learner pid {pid} during step {step}")
         self.kill_time = time.perf_counter()
-        if node_id == ray.get_runtime_context().get_node_id():
+        if self.learner_where["ip"] == ray.util.get_node_ip_address():
+            # Same host (several Ray nodes may share one): kill now, not after a task starts.
             os.kill(pid, signal.SIGKILL)
         else:
             ray.get(_sigkill.options(scheduling_strategy=_pin(node_id)).remote(pid))
@@ -511,6 +685,10 @@ class PipelineDriver:
             self._recover_learner()
             return
         self.learner_queue.popleft()
+        if metrics.get("snapshot_manager_lost") and not self.replacing_manager:
+            self._replace_manager()
+        elif not metrics.get("snapshot_manager_lost"):
+            self.replacing_manager = False
         self._publish(weights_ref, int(metrics["version"]))
         elapsed_s = time.perf_counter() - self.start
         metrics.update(
@@ -529,9 +707,10 @@ class PipelineDriver:
             # From failure detection to the failed step's result: what the job lost to it.
             recovery["caught_up_s"] = time.perf_counter() - detected
             recovery["total_s"] = recovery["caught_up_s"] + (recovery["detect_s"] or 0.0)
+            redone = recovery.get("replayed_steps", recovery.get("steps_lost"))
             self.log(
                 f"learner recovered: restored version {recovery['restored_version']} from "
-                f"memory, replayed {recovery['replayed_steps']} step(s); detect "
+                f"{recovery['source']}, {redone} step(s) trained again; detect "
                 f"{recovery['detect_s'] or 0:.2f}s, restart {recovery['restart_s']:.2f}s (state "
                 f"load {recovery['restore_s']:.3f}s), back at step {step} after "
                 f"{recovery['caught_up_s']:.2f}s"
@@ -543,6 +722,24 @@ class PipelineDriver:
         if self._out_of_time() and not self.stop:
             self.stop = True
             self.checkpoints[version] = weights_ref
+
+    def _replace_manager(self) -> None:
+        """The learner's snapshot manager died alone: start a new one on the learner's node and
+        point the learner at it. Training never stops; the versions in between are not
+        snapshotted. The batches are kept until the new manager publishes a version."""
+        self.replacing_manager = True
+        node_id = self.learner_where["node_id"]
+        self.log("the learner's snapshot manager died; starting a new one on its node")
+        from stalwart.snapshot.shm import remove_regions
+
+        remove_regions(f"stalwart-{self.job_id}-")  # the dead manager's memory
+        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
+        self.job_ids.append(self.job_id)
+        self.manager = self._start_manager(node_id)
+        self.learner.set_manager.remote(self.manager)  # applied before its next snapshot
+        self.record["recoveries"].append(
+            {"kind": "manager", "step": self.next_step, "node_id": node_id}
+        )
 
     def _forget_batches(self, published_snapshot: int) -> None:
         """Drop batches no recovery can need: older than the second-newest published snapshot
@@ -571,14 +768,21 @@ class PipelineDriver:
         self.kill_time = None
         try:
             committed = self._committed_version(at_least=self.published_snapshots[-1])
-        except RayActorError as error:
-            raise RuntimeError(
-                f"the learner died during step {failed_step} and its snapshot manager is gone "
-                "too (the node was lost?): nothing in memory to restore, and a one-rank learner "
-                "has no erasure-coded peer to rebuild it from; rerun the job"
-            ) from error
-        if committed is None:
-            raise RuntimeError(f"the learner died during step {failed_step}; no version committed")
+        except RayActorError:
+            self._restore_from_durable(
+                failed_step,
+                detected,
+                detect_s,
+                "its snapshot manager is gone too (the node was lost?), and a one-rank learner "
+                "has no erasure-coded peer to rebuild it from",
+            )
+            return
+        if committed is None or committed < self.published_snapshots[0]:
+            # The manager was replaced and has not committed a version the batches cover.
+            self._restore_from_durable(
+                failed_step, detected, detect_s, "its snapshot manager holds no usable version"
+            )
+            return
         missing = [s for s in range(committed, self.next_step) if s not in self.batches]
         if missing:
             raise RuntimeError(
@@ -624,6 +828,90 @@ class PipelineDriver:
             "new_pid": self.learner_where["pid"],
             "standby": used_standby,
         }
+        self.record["recoveries"].append(recovery)
+        self.pending_recovery = (recovery, detected)
+
+    def _restore_from_durable(
+        self, failed_step: int, detected: float, detect_s: float | None, why: str
+    ) -> None:
+        """Beyond memory's reach: restart the learner group (on any node offering the learner's
+        resource) from the newest durable checkpoint that carries its pipeline state, start
+        new rollout actors, and generate again from that step. The steps after the checkpoint
+        are lost and trained again; with ``rl.max_staleness: 0`` the rerun is bit-identical."""
+        candidates = self._durable_candidates()
+        if not candidates:
+            raise RuntimeError(
+                f"the learner died during step {failed_step}: {why}; and {self.run_dir} has no "
+                "durable checkpoint to fall back to (set snapshot.persist_every to write them); "
+                "rerun the job"
+            )
+        self.log(f"learner died during step {failed_step}: {why}; falling back to the durable tier")
+        started = time.perf_counter()
+        dead_pid = self.learner_where.get("pid")
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        self._stop_learner_group()
+        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
+        self.job_ids.append(self.job_id)
+        self._start_learner_group()
+        info, step, errors = None, None, []
+        for step in candidates:
+            try:
+                info = ray.get(
+                    self.learner.connect.remote(self.manager, None, (str(self.run_dir), step))
+                )
+                break
+            except ray.exceptions.RayTaskError as error:  # corrupt or unreadable: try older
+                errors.append(f"step {step}: {error}")
+                self.log(f"durable checkpoint of step {step} is unusable: {error}")
+        if info is None:
+            raise RuntimeError(
+                f"the learner died during step {failed_step}: {why}; and no durable checkpoint "
+                f"could be loaded: {'; '.join(errors)}"
+            )
+        if self.manager is not None:
+            ray.get(self.learner.snapshot.remote())
+        state = self._read_dispatch_state(step)
+        self.pool.load_state_dict(state["pool"])
+        self._start_rollout_actors()
+        restart_s = time.perf_counter() - started
+        # Everything after the checkpoint is trained again.
+        self.inflight, self.slots = {}, {}
+        self.outstanding = [0] * len(self.actors)
+        self.pending_groups = 0
+        self.next_sequence = state["next_sequence"]
+        self.next_step = step
+        self.learner_queue = deque()
+        self.batches = {}
+        self.published_snapshots = [step]
+        self.weights_ref = self.learner.weights.remote()
+        self.published_version = step
+        self.checkpoints = {v: ref for v, ref in self.checkpoints.items() if v < step}
+        self.checkpoints[step] = self.weights_ref
+        self.record["steps"] = [m for m in self.record["steps"] if m["step"] < step]
+        self.record["staleness"] = [(s, v) for s, v in self.record["staleness"] if s < step]
+        self.record["consumed_problem_ids"] = self.record["consumed_problem_ids"][
+            : len(self.record["staleness"])
+        ]
+        recovery = {
+            "kind": "learner",
+            "step": failed_step,
+            "restored_version": step,
+            "source": "durable",
+            "steps_lost": failed_step - step,
+            "why": why,
+            "detect_s": detect_s,
+            "restart_s": restart_s,
+            "restore_s": info["restore_s"],
+            "dead_pid": dead_pid,
+            "new_pid": self.learner_where["pid"],
+            "standby": False,
+        }
+        self.log(
+            f"restored the durable checkpoint of step {step}: {failed_step - step} learner "
+            f"step(s) lost and trained again ({why})"
+        )
         self.record["recoveries"].append(recovery)
         self.pending_recovery = (recovery, detected)
 
@@ -702,6 +990,19 @@ class PipelineDriver:
         return record
 
 
+def durable_resume_steps(run_dir: str | Path, known: set[int] = frozenset()) -> list[int]:
+    """Steps of the complete durable checkpoints in `run_dir` whose RL pipeline state exists
+    (on disk, or in `known`), newest first."""
+    from stalwart.snapshot.persist import list_checkpoints
+
+    state_dir = Path(run_dir) / STATE_DIRNAME
+    return [
+        step
+        for step in reversed(list_checkpoints(run_dir))
+        if step in known or (state_dir / f"step_{step}.json").is_file()
+    ]
+
+
 def run_pipeline(
     config: RunConfig,
     *,
@@ -712,10 +1013,15 @@ def run_pipeline(
     rollout_queue_depth: int = ROLLOUT_QUEUE_DEPTH,
     learner_queue_depth: int = LEARNER_QUEUE_DEPTH,
     log=print,
+    resume_step: int | None = None,
+    cluster=None,
 ) -> dict[str, Any]:
     """Run RL to ``trainer.max_steps`` learner steps (or until ``time_budget_s`` of RL time);
-    Ray must be initialised. Returns the run record (metrics, staleness, throughput, profile,
-    recoveries, evals). Every actor and the snapshot memory are released before it returns."""
+    Ray must be initialised. `resume_step`: start from that durable checkpoint of the run
+    directory instead of from scratch. Returns the run record (metrics, staleness, throughput,
+    profile, recoveries, evals). Every actor and the snapshot memory are released before it
+    returns. `cluster` (a `launch.cluster.ClusterHandle`) is needed only to inject kill_node.
+    """
     driver = PipelineDriver(
         config,
         time_budget_s=time_budget_s,
@@ -724,6 +1030,8 @@ def run_pipeline(
         rollout_queue_depth=rollout_queue_depth,
         learner_queue_depth=learner_queue_depth,
         log=log,
+        resume_step=resume_step,
+        cluster=cluster,
     )
     try:
         driver.setup()
@@ -738,17 +1046,31 @@ def run_pipeline(
 def evaluate_checkpoints(
     config: RunConfig, actors: list, checkpoints: dict[int, Any]
 ) -> list[dict]:
-    """Held-out metrics of every kept version, spread over the rollout actors."""
+    """Held-out metrics of every kept version, spread over the rollout actors. A version whose
+    weights were lost with a node (Ray's object store) is left out, and said so."""
     problems = [{"prompt": p.prompt, "answer": p.answer} for p in test_problems(config)]
     refs = []
     for position, (version, weights_ref) in enumerate(sorted(checkpoints.items())):
         actor = actors[position % len(actors)]
         refs.append(
-            actor.evaluate.remote(
-                [weights_ref], version, problems, config.rl.eval_num_samples, 1234
+            (
+                version,
+                actor.evaluate.remote(
+                    [weights_ref], version, problems, config.rl.eval_num_samples, 1234
+                ),
             )
         )
-    return sorted(ray.get(refs), key=lambda result: result["version"])
+    results = []
+    for version, ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None)
+            lost = ray.exceptions.ObjectLostError
+            if not (isinstance(error, lost) or isinstance(cause, lost)):
+                raise
+            print(f"[rl] held-out evaluation of version {version} skipped: its weights were lost")
+    return sorted(results, key=lambda result: result["version"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,18 +1104,56 @@ def _start_ray(address: str | None, num_cpus: int) -> bool:
     return True
 
 
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="the run directory of a stopped `stalwart rl` job")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the saved config")
+    parser.add_argument("--address", default=None, help="Ray address; default: embedded instance")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="stop RL after this long")
+
+
 def run_rl(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    save_config(config, config.resolved_run_dir())
+    return _run_and_report(
+        config,
+        args.address,
+        time_budget_s=args.time_budget_s,
+        kill_learner_at_steps=tuple(args.kill_learner_at_step),
+        kill_rollout_at_steps=tuple(args.kill_rollout_at_step),
+    )
+
+
+def resume_step_of(run_dir: Path) -> int:
+    """The newest durable checkpoint of a stopped RL run that a resume can start from."""
+    steps = durable_resume_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(
+            f"{run_dir} has no durable checkpoint with its RL pipeline state; a run writes them "
+            "when snapshot.persist_every is set"
+        )
+    return steps[0]
+
+
+def resume_rl(args: argparse.Namespace) -> int:
+    """`stalwart rl resume RUN_DIR`: continue a stopped RL run from its newest durable
+    checkpoint, with its saved config (overrides allowed, e.g. a longer trainer.max_steps)."""
+    run_dir = Path(args.run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: is it a stalwart run directory?")
+    config = load_config(config_path, args.overrides)
+    config.run_dir = str(run_dir)
+    step = resume_step_of(run_dir)
+    print(f"[rl] resuming {run_dir} from the durable checkpoint of step {step}", flush=True)
+    return _run_and_report(config, args.address, time_budget_s=args.time_budget_s, resume_step=step)
+
+
+def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
     run_dir = config.resolved_run_dir()
-    save_config(config, run_dir)
-    started = _start_ray(args.address or config.cluster.address, config.rl.num_rollout_workers + 1)
+    started = _start_ray(address or config.cluster.address, config.rl.num_rollout_workers + 1)
     try:
         record = run_pipeline(
-            config,
-            time_budget_s=args.time_budget_s,
-            kill_learner_at_steps=tuple(args.kill_learner_at_step),
-            kill_rollout_at_steps=tuple(args.kill_rollout_at_step),
-            log=lambda message: print(f"[rl] {message}", flush=True),
+            config, log=lambda message: print(f"[rl] {message}", flush=True), **options
         )
     finally:
         if started:
@@ -828,7 +1188,9 @@ def write_record(record: dict, run_dir: str | Path) -> None:
 __all__ = [
     "add_analyze_arguments",
     "add_fit_arguments",
+    "add_resume_arguments",
     "add_rl_arguments",
+    "resume_rl",
     "run_analyze",
     "run_fit",
     "run_rl",

@@ -338,9 +338,12 @@ class SnapshotAgent:
         version that is sure to reach the new manager: every snapshot of a step after the
         current one (the current step's may or may not).
         """
+        current = getattr(self.trainer, "step", 0)
+        if callable(current):  # an RL learner: `step` is its update, `version` its counter
+            current = self.trainer.version
         with self._lock:
             self._next_manager = manager
-            return int(getattr(self.trainer, "step", 0)) + 1
+            return int(current) + 1
 
     def _switch_manager(self) -> None:
         with self._lock:

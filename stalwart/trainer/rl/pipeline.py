@@ -18,6 +18,8 @@ exact; zero-variance filtering only makes consumption earlier, never later.
 rate, and with no-positive-resampling permanently retires prompts whose pass rate reaches the
 threshold. (The prompts of a lost rollout call are not returned to the pool: the driver
 generates them again in their place in the dispatch order, so batches keep their boundaries.)
+Its whole state is JSON (`state_dict`), saved next to the learner's durable checkpoints so that
+a resumed run draws the same prompts the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -90,3 +92,29 @@ class PromptPool:
             return
         if self.num_correct[problem_id] / self.num_seen[problem_id] >= self.retire_pass_rate:
             self.retired.add(problem_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything `take` and `record` depend on, as JSON values."""
+        return {
+            "order": list(self._order),
+            "epoch": self._epoch,
+            "num_correct": [[k, v] for k, v in sorted(self.num_correct.items())],
+            "num_seen": [[k, v] for k, v in sorted(self.num_seen.items())],
+            "retired": sorted(self.retired),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        order = [int(i) for i in state["order"]]
+        bad = [
+            i for i in order + [int(i) for i in state["retired"]] if not 0 <= i < len(self.problems)
+        ]
+        if bad:
+            raise ValueError(
+                f"prompt pool state names problem {bad[0]} of {len(self.problems)}: it was saved "
+                "with different data settings (data.num_examples, data.seed)"
+            )
+        self._order = deque(order)
+        self._epoch = int(state["epoch"])
+        self.num_correct = {int(k): float(v) for k, v in state["num_correct"]}
+        self.num_seen = {int(k): int(v) for k, v in state["num_seen"]}
+        self.retired = {int(i) for i in state["retired"]}
