@@ -41,6 +41,10 @@ from stalwart.launch.worker import TrainWorker
 POLL_S = 0.5
 NODE_VERDICT_S = 30.0  # Ray's default health checks declare a node dead within about 30 s
 MANAGER_CHECK_S = 2.0
+# A node fault can still be unfolding while the controller recovers (the second of two nodes
+# removed together: its manager answers until its process notices the raylet is gone). A
+# manager that dies during a recovery sends it back to the assessment this many times.
+REASSESS_ATTEMPTS = 3
 
 
 class JobFailed(RuntimeError):
@@ -625,10 +629,37 @@ class JobController:
             )
 
     def _restore_point(self, failure: Failure) -> tuple[int | None, str, str]:
-        """Which version to restore and from where; rebuilds lost positions on spares."""
+        """Which version to restore and from where; rebuilds lost positions on spares. A
+        manager that dies meanwhile (a multi-node fault still unfolding) counts as lost too,
+        and the choice is made again."""
         if not self.managers:
             return None, "scratch", "snapshots are disabled: restarting from step 0"
         lost = list(failure.lost_positions)
+        replaced: set[int] = set()  # lost positions already moved to a spare in this recovery
+        for _ in range(REASSESS_ATTEMPTS):
+            outcome = self._try_restore_point(lost, replaced)
+            if isinstance(outcome, tuple) and outcome[1] in ("memory", "erasure"):
+                # The state is in place only if every manager that holds it is still there.
+                outcome = self._dead_managers() or outcome
+            if isinstance(outcome, tuple):
+                return outcome
+            self.log(f"position(s) {outcome} failed during the recovery: assessing again")
+            lost = sorted(set(lost) | set(outcome))
+            replaced -= set(outcome)  # a replacement that died moves again
+        return self._durable_fallback(
+            f"managers kept failing during the recovery (lost positions {lost})"
+        )
+
+    def _dead_managers(self) -> list[int]:
+        """Positions whose manager no longer answers."""
+        pings = self._call_all(self.managers, "ping")
+        return sorted(p for p, answer in pings.items() if answer is None)
+
+    def _try_restore_point(
+        self, lost: list[int], replaced: set[int]
+    ) -> tuple[int | None, str, str] | list[int]:
+        """One assessment: (version, source, detail), or the positions that died during it."""
+        lost = sorted(set(lost) | replaced)
         statuses = {}
         for position, manager in self.managers.items():
             if position in lost:
@@ -658,15 +689,17 @@ class JobController:
         # Node (or manager) loss: replace the lost positions.
         from stalwart.snapshot.shm import remove_regions
 
-        if self.config.cluster.elastic and len(self._spare_nodes()) < len(lost):
-            if len(self._spare_nodes()) < len(self._departed(lost)):
+        to_replace = [p for p in lost if p not in replaced]
+        if self.config.cluster.elastic and len(self._spare_nodes()) < len(to_replace):
+            if len(self._spare_nodes()) < len(self._departed(to_replace)):
                 return self._shrink(version, lost, corrupt)
-        for position in lost:
+        for position in to_replace:
             # On an embedded cluster the lost node's memory lies on this host: free it.
             remove_regions(f"stalwart-{self.job_id}-p{position}-")
             spare = self._take_node(position)
             self.node_of[position] = spare
             self._start_manager(position)
+            replaced.add(position)
         self._wire_managers()
         if version is None:
             return self._durable_fallback("no version was committed before the loss")
@@ -777,7 +810,9 @@ class JobController:
             if prefix:
                 remove_regions(prefix + "-")
 
-    def _rebuild(self, version: int, lost: list[int], detail: str) -> tuple[int | None, str, str]:
+    def _rebuild(
+        self, version: int, lost: list[int], detail: str
+    ) -> tuple[int | None, str, str] | list[int]:
         from stalwart.erasure.layout import ErasureLayout
 
         layout = ErasureLayout(
@@ -791,12 +826,15 @@ class JobController:
                 plan.reason or f"{len(lost)} positions lost beyond the parity"
             )
         survivor = next(p for p in self.positions if p not in lost)
-        meta = ray.get(self.managers[survivor].version_meta.remote(version), timeout=60)
         try:
+            meta = ray.get(self.managers[survivor].version_meta.remote(version), timeout=60)
             ray.get(
                 [self.managers[p].rebuild.remote(version, lost, meta) for p in lost], timeout=300
             )
         except Exception as error:
+            dead = self._dead_managers()
+            if dead:
+                return dead
             return self._durable_fallback(f"erasure rebuild failed: {error}")
         return version, "erasure", detail
 

@@ -224,6 +224,55 @@ def test_two_losses_in_a_parity_two_group_recover_from_memory(tmp_path, config_a
 
 
 @pytest.mark.slow
+def test_a_node_lost_during_the_recovery_is_assessed_again(tmp_path, config_at, monkeypatch):
+    """A multi-node fault can still unfold while the controller recovers: here a second node
+    dies while the first one's state is rebuilt. The recovery counts it lost too, assesses
+    again and rebuilds both from parity (group of four, parity 2), instead of restarting a
+    group on a dead node or giving up on memory."""
+    import time
+
+    import ray
+
+    from stalwart.launch.controller import JobController
+
+    four_nodes = {
+        "parallel": {"strategy": "ddp", "world_size": 4},
+        "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
+        "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
+    }
+    clean = run_job(config_at(tmp_path / "clean", **four_nodes), log=_quiet)
+    rebuild = JobController._rebuild
+    removed = []
+
+    def rebuild_while_a_second_node_dies(self, version, lost, detail):
+        if not removed:
+            position = 3
+            removed.append(position)
+            self.cluster.remove_node(self.node_of[position])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(self.managers[position].ping.remote(), timeout=1)
+                except Exception:
+                    break
+                time.sleep(0.2)
+        return rebuild(self, version, lost, detail)
+
+    monkeypatch.setattr(JobController, "_rebuild", rebuild_while_a_second_node_dies)
+    messages = []
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", **four_nodes),
+        [{"kind": "kill_node", "step": 5, "node": 1}],
+    )
+    summary = run_job(faulted, log=messages.append)
+    assert removed == [3]
+    assert [r.source for r in summary["recoveries"]] == ["erasure"], messages
+    assert any("failed during the recovery: assessing again" in m for m in messages), messages
+    assert "1, 3" in summary["recoveries"][0].detail
+    _assert_identical(clean, summary)
+
+
+@pytest.mark.slow
 def test_losses_beyond_parity_fall_back_to_the_durable_tier_and_report_lost_steps(
     tmp_path, config_at
 ):
