@@ -343,7 +343,7 @@ class JobController:
                 raise JobFailed(
                     f"gave up after {len(self.recoveries)} recoveries: {failure.detail}"
                 )
-            self._recover(failure)
+            self._recover_through(failure)
         self._drain_progress()
         for manager in self.managers.values():
             try:
@@ -573,6 +573,26 @@ class JobController:
             ray.get(self.managers[position].corrupt.remote(rank, status["committed"]))
 
     # -- recovery ------------------------------------------------------------------------------
+
+    def _recover_through(self, failure: Failure) -> None:
+        """Recover; if a worker, manager or node dies while the new group starts (a fault
+        still unfolding), classify that and recover again, at most REASSESS_ATTEMPTS times."""
+        for attempt in range(REASSESS_ATTEMPTS):
+            try:
+                self._recover(failure)
+                return
+            except (ray.exceptions.RayError, TimeoutError) as error:
+                if attempt == REASSESS_ATTEMPTS - 1:
+                    raise JobFailed(f"recovery kept failing: {error}") from error
+                cause = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+                again = self._classify(
+                    list(self.workers), f"during the recovery: {type(error).__name__}: {cause}"
+                )
+                pids = self._call_all(self.workers, "pid") if self.workers else {}
+                if again.kind == "process" and all(pid is not None for pid in pids.values()):
+                    raise  # nothing died: a real error, not a fault to recover from
+                self.log(f"the recovery failed ({again.detail}); recovering again")
+                failure = again
 
     def _recover(self, failure: Failure) -> None:
         detection_s = failure.detection_s + (time.perf_counter() - failure.detected_at)

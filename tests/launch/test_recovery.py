@@ -273,6 +273,44 @@ def test_a_node_lost_during_the_recovery_is_assessed_again(tmp_path, config_at, 
 
 
 @pytest.mark.slow
+def test_a_node_lost_while_the_new_group_starts_is_recovered_again(
+    tmp_path, config_at, monkeypatch
+):
+    """The next failure can come before the recovery is over: a node dies while the new
+    worker group starts on it. The controller classifies that as a node loss and recovers
+    again (parity rebuild on the second spare), and the run still ends bit-identical."""
+    from stalwart.launch.controller import JobController
+
+    four_nodes = {
+        "parallel": {"strategy": "ddp", "world_size": 4},
+        "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
+        "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
+    }
+    clean = run_job(config_at(tmp_path / "clean", **four_nodes), log=_quiet)
+    start_workers = JobController._start_workers
+    removed = []
+
+    def start_while_a_node_dies(self, **kwargs):
+        if self.attempt >= 1 and not removed:
+            removed.append(3)
+            self.cluster.remove_node(self.node_of[3])
+        return start_workers(self, **kwargs)
+
+    monkeypatch.setattr(JobController, "_start_workers", start_while_a_node_dies)
+    messages = []
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", **four_nodes),
+        [{"kind": "kill_node", "step": 5, "node": 1}],
+    )
+    summary = run_job(faulted, log=messages.append)
+    print("\n".join(messages))
+    assert removed == [3]
+    assert any("recovering again" in m for m in messages), messages
+    assert [(r.kind, r.source) for r in summary["recoveries"]] == [("node", "erasure")], messages
+    _assert_identical(clean, summary)
+
+
+@pytest.mark.slow
 def test_losses_beyond_parity_fall_back_to_the_durable_tier_and_report_lost_steps(
     tmp_path, config_at
 ):
