@@ -1150,13 +1150,36 @@ def resume_rl(args: argparse.Namespace) -> int:
 
 def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
     run_dir = config.resolved_run_dir()
-    started = _start_ray(address or config.cluster.address, config.rl.num_rollout_workers + 1)
+    address = address or config.cluster.address
+    cluster = None
+    num_nodes = config.cluster.num_nodes + config.cluster.num_spare_nodes
+    if not address and num_nodes > 1 and not ray.is_initialized():
+        # Simulated nodes, as `stalwart train` has them: a lost learner node can be injected
+        # (faults kill_node) and the learner restarts on another one.
+        from stalwart.launch.cluster import NODE_RESOURCE, connect
+
+        cluster = connect(
+            None,
+            num_nodes=config.cluster.num_nodes,
+            num_spare_nodes=config.cluster.num_spare_nodes,
+            cpus_per_node=config.cluster.workers_per_node * config.cluster.cpus_per_worker,
+        )
+        if config.rl.learner_node_resource is None:
+            config.rl.learner_node_resource = NODE_RESOURCE  # a worker node, not the head
+        started = False
+    else:
+        started = _start_ray(address, config.rl.num_rollout_workers + 1)
     try:
         record = run_pipeline(
-            config, log=lambda message: print(f"[rl] {message}", flush=True), **options
+            config,
+            log=lambda message: print(f"[rl] {message}", flush=True),
+            cluster=cluster,
+            **options,
         )
     finally:
-        if started:
+        if cluster is not None:
+            cluster.shutdown()
+        elif started:
             ray.shutdown()
     write_record(record, run_dir)
     first, last = record["evals"][0], record["evals"][-1]

@@ -85,3 +85,37 @@ def test_rl_command_runs_a_tiny_config(tmp_path, capsys):
     summary = json.loads((tmp_path / "run" / "rl_summary.json").read_text())
     assert summary["num_learner_steps"] == 3 and summary["max_staleness_seen"] <= 1
     assert len((tmp_path / "run" / "rl_evals.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.timeout(300)
+def test_rl_command_on_simulated_nodes_survives_the_learner_node(tmp_path, capsys):
+    """`cluster.num_nodes` > 1 gives `stalwart rl` an embedded multi-node cluster: the learner
+    runs on a worker node, and removing that node falls back to the durable tier."""
+    config = {
+        "name": "nodes",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"depth": 1, "context_length": 32},
+        "data": {"max_operand": 9, "num_operands": 2, "ops": "+", "num_examples": 90},
+        "trainer": {"max_steps": 5},
+        "cluster": {"num_nodes": 2},
+        "snapshot": {"persist_every": 2},
+        "faults": {"events": [{"kind": "kill_node", "step": 3}]},
+        "rl": {
+            "max_new_tokens": 4,
+            "prompts_per_step": 2,
+            "num_samples": 2,
+            "rollout_chunk_prompts": 1,
+            "eval_prompts": 4,
+            "eval_every": 5,
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run_rl(parse(add_rl_arguments, [str(path)])) == 0
+    assert "falling back to the durable tier" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "rl_summary.json").read_text())
+    # (a rollout actor that lived on the removed node may be replaced too)
+    (recovery,) = [r for r in summary["recoveries"] if r["kind"] == "learner"]
+    # checkpoint 2, or 0 if a slow machine had not finished writing 2 when the node died
+    assert recovery["source"] == "durable" and recovery["restored_version"] in (0, 2)
+    assert summary["final_version"] == 5
