@@ -364,7 +364,7 @@ class PipelineDriver:
                 return committed
             time.sleep(0.02)
 
-    def _start_learner_group(self) -> None:
+    def _start_learner_group(self, wait_for_standby: bool = True) -> None:
         """The learner, and with snapshots its node's manager and a hot standby learner."""
         self.learner = self._start_learner()
         self.learner_where = ray.get(self.learner.where.remote())
@@ -374,24 +374,26 @@ class PipelineDriver:
             # A hot spare on the learner's node (process up, model built): a recovery only
             # loads the snapshot into it instead of waiting for a new process to start.
             self.standby = self._start_learner(node_id)
-            ray.get(self.standby.where.remote())
+            if wait_for_standby:
+                ray.get(self.standby.where.remote())
 
-    def _start_rollout_actors(self) -> None:
+    def _start_rollout_actors(self, wait: bool = True) -> None:
         self.actors = [
             RolloutActor.remote(self.tree, i) for i in range(self.rl.num_rollout_workers)
         ]
-        # Process start-up (imports, model build) is not pipeline time: wait for it here.
-        ray.get([actor.pid.remote() for actor in self.actors])
+        if wait:
+            # Process start-up (imports, model build) is not pipeline time: wait for it here.
+            ray.get([actor.pid.remote() for actor in self.actors])
 
     def setup(self) -> None:
         self._start_learner_group()
         start = 0
         if self.resume_step is not None:
-            start = self.resume_step
+            # The requested checkpoint, or an older one if it does not verify.
+            candidates = [s for s in self._durable_candidates() if s <= self.resume_step]
+            start, info = self._load_durable(candidates, f"resuming {self.run_dir}")
+            self.resume_step = start
             self.pool.load_state_dict(self._read_dispatch_state(start)["pool"])
-            info = ray.get(
-                self.learner.connect.remote(self.manager, None, (str(self.run_dir), start))
-            )
             if info["version"] != start:
                 raise RuntimeError(
                     f"the durable checkpoint of step {start} holds learner version "
@@ -550,6 +552,24 @@ class PipelineDriver:
         if state.get("step") != step or not isinstance(state.get("next_sequence"), int):
             raise ValueError(f"{path} does not describe step {step}: the file is corrupt")
         return state
+
+    def _load_durable(self, candidates: list[int], context: str) -> tuple[int, dict]:
+        """Load the first of `candidates` (newest first) that verifies into the learner; a
+        corrupt or unreadable checkpoint is reported and the next older one is tried."""
+        errors = []
+        for step in candidates:
+            try:
+                info = ray.get(
+                    self.learner.connect.remote(self.manager, None, (str(self.run_dir), step))
+                )
+                return step, info
+            except ray.exceptions.RayTaskError as error:
+                cause = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+                errors.append(f"step {step}: {cause}")
+                self.log(f"durable checkpoint of step {step} is unusable ({cause}); trying older")
+        raise RuntimeError(
+            f"{context}: no durable checkpoint could be loaded: {'; '.join(errors) or 'none'}"
+        )
 
     def _durable_candidates(self) -> list[int]:
         """Durable checkpoints that carry their pipeline state, newest first."""
@@ -854,27 +874,15 @@ class PipelineDriver:
         self._stop_learner_group()
         self.job_id = f"rl{uuid.uuid4().hex[:8]}"
         self.job_ids.append(self.job_id)
-        self._start_learner_group()
-        info, step, errors = None, None, []
-        for step in candidates:
-            try:
-                info = ray.get(
-                    self.learner.connect.remote(self.manager, None, (str(self.run_dir), step))
-                )
-                break
-            except ray.exceptions.RayTaskError as error:  # corrupt or unreadable: try older
-                errors.append(f"step {step}: {error}")
-                self.log(f"durable checkpoint of step {step} is unusable: {error}")
-        if info is None:
-            raise RuntimeError(
-                f"the learner died during step {failed_step}: {why}; and no durable checkpoint "
-                f"could be loaded: {'; '.join(errors)}"
-            )
+        # Every new process starts at once; only the learner is waited for here.
+        self._start_rollout_actors(wait=False)
+        self._start_learner_group(wait_for_standby=False)
+        step, info = self._load_durable(candidates, f"the learner died during step {failed_step}")
         if self.manager is not None:
             ray.get(self.learner.snapshot.remote())
         state = self._read_dispatch_state(step)
         self.pool.load_state_dict(state["pool"])
-        self._start_rollout_actors()
+        ray.get([actor.pid.remote() for actor in self.actors])
         restart_s = time.perf_counter() - started
         # Everything after the checkpoint is trained again.
         self.inflight, self.slots = {}, {}
@@ -1144,6 +1152,13 @@ def resume_rl(args: argparse.Namespace) -> int:
     config = load_config(config_path, args.overrides)
     config.run_dir = str(run_dir)
     step = resume_step_of(run_dir)
+    if step >= config.trainer.max_steps:
+        raise ValueError(
+            f"{run_dir} already reached step {step} of trainer.max_steps={config.trainer.max_steps}"
+            "; pass a larger one to train further, e.g. "
+            f"`stalwart rl resume {run_dir} trainer.max_steps={2 * step}`"
+        )
+    save_config(config, run_dir)  # a later resume keeps these overrides
     print(f"[rl] resuming {run_dir} from the durable checkpoint of step {step}", flush=True)
     return _run_and_report(config, args.address, time_budget_s=args.time_budget_s, resume_step=step)
 

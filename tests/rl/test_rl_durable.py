@@ -114,16 +114,34 @@ def test_stopped_run_resumes_from_its_durable_checkpoint_bit_identically(
     metrics = [json.loads(line) for line in open(tmp_path / "rl_metrics.jsonl")]
     assert [m["step"] for m in metrics] == list(range(4, STEPS))
 
-    # Without the pipeline states of steps 4, 6 and 8 the resume starts from step 2: same run.
-    (tmp_path / "rl_state" / "step_4.json").unlink()
-    (tmp_path / "rl_state" / f"step_{STEPS}.json").unlink()
-    (tmp_path / "rl_state" / "step_6.json").unlink()
+    # A corrupt newest checkpoint is detected (checksums) and the next older one used: here
+    # the job stopped before step 8's checkpoint, and step 6's is corrupt.
+    import shutil
+
+    from stalwart.snapshot.persist import checkpoint_dir
+
+    shutil.rmtree(checkpoint_dir(tmp_path, STEPS))
+    (shard,) = checkpoint_dir(tmp_path, STEPS - 2).glob("*.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["rl", "resume", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"durable checkpoint of step {STEPS - 2} is unusable" in out, out
+    summary = json.loads((tmp_path / "rl_summary.json").read_text())
+    assert summary["resumed_from"] == STEPS - 4 and summary["num_learner_steps"] == 4
+    assert summary["final_weights_xxh64"] == clean["final_weights_xxh64"]
+
+    # Without the pipeline state of the newer checkpoints, the resume starts from step 2.
+    for step in (4, 6, STEPS):
+        (tmp_path / "rl_state" / f"step_{step}.json").unlink()
     from stalwart.launch.rl_driver import resume_step_of
 
     assert resume_step_of(tmp_path) == 2
-    again = run_pipeline(config_for(tmp_path), resume_step=2, evaluate=False, log=quiet)
-    assert again["num_learner_steps"] == STEPS - 2
-    assert again["final_weights_xxh64"] == clean["final_weights_xxh64"]
+    (tmp_path / "rl_state" / "step_2.json").unlink()
+    (tmp_path / "rl_state" / "step_0.json").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="snapshot.persist_every"):
+        resume_step_of(tmp_path)
 
 
 def test_resume_refuses_a_directory_without_rl_state(tmp_path):
@@ -136,6 +154,19 @@ def test_resume_refuses_a_directory_without_rl_state(tmp_path):
     (tmp_path / "rl_state").mkdir()
     with pytest.raises(ValueError, match="stalwart rl resume"):
         resume_job(tmp_path)
+
+
+def test_resume_of_a_finished_run_asks_for_more_steps(tmp_path):
+    from stalwart.config import save_config
+    from stalwart.launch.cli import main
+
+    save_config(config_for(tmp_path, steps=4), tmp_path)
+    (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_4" / "manifest.json").write_text("{}")
+    (tmp_path / "rl_state").mkdir()
+    (tmp_path / "rl_state" / "step_4.json").write_text("{}")
+    with pytest.raises(ValueError, match="trainer.max_steps=8"):
+        main(["rl", "resume", str(tmp_path)])
 
 
 def test_manager_killed_alone_is_replaced_and_refilled(cluster, clean, tmp_path):
