@@ -45,6 +45,7 @@ MANAGER_CHECK_S = 2.0
 # removed together: its manager answers until its process notices the raylet is gone). A
 # manager that dies during a recovery sends it back to the assessment this many times.
 REASSESS_ATTEMPTS = 3
+DEAD_MANAGER_S = 15.0  # a manager that answers nothing for this long during a recovery is dead
 
 
 class JobFailed(RuntimeError):
@@ -671,9 +672,18 @@ class JobController:
         )
 
     def _dead_managers(self) -> list[int]:
-        """Positions whose manager no longer answers."""
-        pings = self._call_all(self.managers, "ping")
-        return sorted(p for p, answer in pings.items() if answer is None)
+        """Positions whose manager is dead: its actor is gone (Ray says so), or it has not
+        answered a ping within DEAD_MANAGER_S. A manager that is only slow (a busy 2-core
+        machine) answers late and is not moved to a spare."""
+        refs = {position: manager.ping.remote() for position, manager in self.managers.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=DEAD_MANAGER_S)
+        dead = []
+        for position, ref in refs.items():
+            try:
+                ray.get(ref, timeout=0)
+            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
+                dead.append(position)
+        return sorted(dead)
 
     def _try_restore_point(
         self, lost: list[int], replaced: set[int]

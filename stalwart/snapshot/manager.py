@@ -310,8 +310,18 @@ class SnapshotManager:
             for rank, meta in state.local.items()
         }
 
+    def _superseded(self, version: int, state: VersionState) -> bool:
+        """`state` is no longer `version`'s: a recovery (`resume_at`, `reset`) dropped it while
+        it was encoded, and the same number may already belong to the next attempt."""
+        with self.cond:
+            if self.versions.get(version) is state:
+                return False
+            self._recycle(state)  # parity written into it after it was dropped
+            return True
+
     def _encode_and_announce(self, version: int) -> None:
         started = time.perf_counter()
+        state = None
         try:
             with self.cond:
                 state = self.versions[version]
@@ -328,6 +338,8 @@ class SnapshotManager:
                     )
                 finally:
                     shards.close()
+            if self._superseded(version, state):
+                return  # the dead attempt's version: announcing it would mix the attempts
             state.encoded = True
             self.encode_s = time.perf_counter() - started
             meta = self._rank_meta(state)
@@ -337,6 +349,8 @@ class SnapshotManager:
                 peer.ready.remote(version, self.position, meta)
             self.ready(version, self.position, meta)
         except Exception as error:  # recorded; the version simply never commits
+            if state is not None and self._superseded(version, state):
+                return  # a dropped version failing says nothing of the next attempt's
             with self.cond:
                 self.versions.setdefault(version, VersionState()).failed = repr(error)
                 self.events.append({"version": version, "error": repr(error)})

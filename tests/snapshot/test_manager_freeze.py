@@ -34,3 +34,54 @@ def test_ready_versions_do_not_commit_while_frozen():
         assert manager.committed == 3
     finally:
         manager.shutdown()
+
+
+def test_a_dropped_versions_late_encode_leaves_the_next_attempts_version_alone(monkeypatch):
+    """A recovery drops the dead attempt's uncommitted versions while one is still encoding.
+    The new attempt publishes the same version number again. When the stale encode then fails
+    (its peers dropped their copies too), it must not mark the new version failed, and it
+    must not announce it either."""
+    import json
+    import threading
+
+    from stalwart.snapshot import manager as manager_module
+
+    release = threading.Event()
+    calls = []
+
+    def parity(layout, position, shards, *, version, **kwargs):
+        calls.append(version)
+        if len(calls) == 1:  # the dead attempt's encode: still running at the recovery
+            assert release.wait(10)
+            raise KeyError("position 1 has no complete copy of version 4")
+        return {}
+
+    monkeypatch.setattr(manager_module, "compute_parity", parity)
+    manager = SnapshotManager(
+        job_id="stale",
+        position=0,
+        positions=[0, 1],
+        ranks=[0],
+        group_size=2,
+        parity=1,
+        run_dir="/tmp/unused",
+    )
+    layout = json.dumps({"entries": [], "total_bytes": 0})
+    try:
+        manager.ready(2, 0, {})
+        manager.ready(2, 1, {})
+        manager.publish(0, 4, 0, layout, [])  # the dead attempt's version 4 starts encoding
+        while not calls:
+            release.wait(0.01)
+        manager.resume_at(2)  # the recovery restores version 2 and drops 4
+        manager.publish(0, 4, 1, layout, [])  # the new attempt's version 4
+        release.set()
+        manager.encoder.submit(lambda: None).result(10)  # both encodes finished
+        assert calls == [4, 4]
+        assert manager.versions[4].failed is None
+        assert not [e for e in manager.events if e.get("version") == 4]
+        assert manager.versions[4].ready_positions == {0}  # announced once, by the new encode
+        manager.ready(4, 1, {})
+        assert manager.committed == 4
+    finally:
+        manager.shutdown()
