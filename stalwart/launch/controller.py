@@ -61,6 +61,7 @@ class Failure:
     detected_at: float = field(default_factory=time.perf_counter)
     step: int = 0
     detection_s: float = 0.0
+    dead_ranks: list[int] = field(default_factory=list)  # workers whose process is gone
 
 
 @dataclass
@@ -467,6 +468,7 @@ class JobController:
             detail=detail,
             step=self.max_step_seen,
             detection_s=max(finite, default=0.0),
+            dead_ranks=dead,
         )
 
     def _replace_dead_managers(self) -> None:
@@ -589,8 +591,7 @@ class JobController:
                 again = self._classify(
                     list(self.workers), f"during the recovery: {type(error).__name__}: {cause}"
                 )
-                pids = self._call_all(self.workers, "pid") if self.workers else {}
-                if again.kind == "process" and all(pid is not None for pid in pids.values()):
+                if again.kind == "process" and not again.dead_ranks:
                     raise  # nothing died: a real error, not a fault to recover from
                 self.log(f"the recovery failed ({again.detail}); recovering again")
                 failure = again

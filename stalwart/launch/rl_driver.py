@@ -307,8 +307,8 @@ class PipelineDriver:
         # Pipeline state (prompt pool, dispatch sequence) as of the first dispatch for a step,
         # for the steps the durable tier persists: what a restart from that checkpoint needs.
         self.dispatch_states: dict[int, dict] = {}
-        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
-        self.job_ids = [self.job_id]  # one per manager generation (its memory regions' prefix)
+        self.job_ids: list[str] = []  # one per manager generation (its memory regions' prefix)
+        self._new_job_id()
         self.manager = None
         self.learner = None
         self.standby = None
@@ -330,6 +330,11 @@ class PipelineDriver:
         }
 
     # -- setup and teardown ------------------------------------------------------------------
+
+    def _new_job_id(self) -> None:
+        """A fresh prefix for the next manager's memory regions (the last one's may linger)."""
+        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
+        self.job_ids.append(self.job_id)
 
     def _start_learner(self, node_id: str | None = None):
         options: dict[str, Any] = {"scheduling_strategy": _pin(node_id)} if node_id else {}
@@ -387,13 +392,14 @@ class PipelineDriver:
 
     def setup(self) -> None:
         self._start_learner_group()
-        start = 0
+        start, self.start_sequence = 0, 0
         if self.resume_step is not None:
             # The requested checkpoint, or an older one if it does not verify.
             candidates = [s for s in self._durable_candidates() if s <= self.resume_step]
             start, info = self._load_durable(candidates, f"resuming {self.run_dir}")
-            self.resume_step = start
-            self.pool.load_state_dict(self._read_dispatch_state(start)["pool"])
+            state = self._read_dispatch_state(start)
+            self.pool.load_state_dict(state["pool"])
+            self.start_sequence = state["next_sequence"]
             if info["version"] != start:
                 raise RuntimeError(
                     f"the durable checkpoint of step {start} holds learner version "
@@ -450,9 +456,7 @@ class PipelineDriver:
         self.inflight: dict[Any, tuple] = {}  # ref -> (actor index, handle, sequence, tasks, seed)
         self.outstanding = [0] * len(self.actors)  # generation calls queued per actor
         self.slots: dict[int, list[dict] | None] = {}  # dispatch sequence -> groups (None: running)
-        self.next_sequence = 0
-        if self.resume_step is not None:
-            self.next_sequence = self._read_dispatch_state(self.resume_step)["next_sequence"]
+        self.next_sequence = self.start_sequence
         self.pending_groups = 0  # dispatched and not yet handed to the learner
         self.next_step = self.start_version  # next learner step to hand a batch to
         self.learner_queue: deque = deque()  # (step, metrics ref, weights ref), oldest first
@@ -753,8 +757,7 @@ class PipelineDriver:
         from stalwart.snapshot.shm import remove_regions
 
         remove_regions(f"stalwart-{self.job_id}-")  # the dead manager's memory
-        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
-        self.job_ids.append(self.job_id)
+        self._new_job_id()
         self.manager = self._start_manager(node_id)
         self.learner.set_manager.remote(self.manager)  # applied before its next snapshot
         self.record["recoveries"].append(
@@ -872,8 +875,7 @@ class PipelineDriver:
             ray.kill(actor, no_restart=True)
         self.actors = []
         self._stop_learner_group()
-        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
-        self.job_ids.append(self.job_id)
+        self._new_job_id()
         # Every new process starts at once; only the learner is waited for here.
         self._start_rollout_actors(wait=False)
         self._start_learner_group(wait_for_standby=False)
@@ -1172,12 +1174,13 @@ def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
         # Simulated nodes, as `stalwart train` has them: a lost learner node can be injected
         # (faults kill_node) and the learner restarts on another one.
         from stalwart.launch.cluster import NODE_RESOURCE, connect
+        from stalwart.launch.job import cpus_per_node
 
         cluster = connect(
             None,
             num_nodes=config.cluster.num_nodes,
             num_spare_nodes=config.cluster.num_spare_nodes,
-            cpus_per_node=config.cluster.workers_per_node * config.cluster.cpus_per_worker,
+            cpus_per_node=cpus_per_node(config),
         )
         if config.rl.learner_node_resource is None:
             config.rl.learner_node_resource = NODE_RESOURCE  # a worker node, not the head

@@ -118,6 +118,7 @@ class SnapshotAgent:
         self.last_publish_s = 0.0
         self.last_snapshot_bytes = 0
         self.last_version: int | None = None
+        self._last_captured = -1  # newest version handed to the job thread
         self.manager_lost = False
         self.num_skipped = 0
 
@@ -191,8 +192,9 @@ class SnapshotAgent:
             capture_s=time.perf_counter() - started,
             ready_event=ready_event,
         )
-        job.published = self._executor.submit(self._run, job)
-        with self._lock:
+        with self._lock:  # with set_manager: a job submitted after it sees the new manager
+            self._last_captured = version
+            job.published = self._executor.submit(self._run, job)
             self._in_flight.append(job)
         self._pending_copy = job
 
@@ -335,15 +337,12 @@ class SnapshotAgent:
         Safe to call from any thread while training runs: the job thread, which handles
         versions in order, switches over before its next version (and registers new slots),
         so no copy is cut short and the trainer never waits for the switch. Returns the first
-        version that is sure to reach the new manager: every snapshot of a step after the
-        current one (the current step's may or may not).
+        version that is sure to reach the new manager: every version captured after this call
+        (one captured before may or may not).
         """
-        current = getattr(self.trainer, "step", 0)
-        if callable(current):  # an RL learner: `step` is its update, `version` its counter
-            current = self.trainer.version
         with self._lock:
             self._next_manager = manager
-            return int(current) + 1
+            return self._last_captured + 1
 
     def _switch_manager(self) -> None:
         with self._lock:

@@ -25,6 +25,14 @@ def reference(tmp_path_factory, config_at):
     return run_job(config, log=_quiet)
 
 
+# Four ranks on four nodes in one erasure group with parity 2, two spare nodes.
+FOUR_NODES = {
+    "parallel": {"strategy": "ddp", "world_size": 4},
+    "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
+    "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
+}
+
+
 def _with_faults(config, events):
     tree = config.to_dict()
     tree["faults"] = {"events": events}
@@ -206,14 +214,9 @@ def test_fsdp_worker_kill_recovers_bit_identically(tmp_path, config_at):
 
 @pytest.mark.slow
 def test_two_losses_in_a_parity_two_group_recover_from_memory(tmp_path, config_at):
-    four_nodes = {
-        "parallel": {"strategy": "ddp", "world_size": 4},
-        "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
-        "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
-    }
-    clean = run_job(config_at(tmp_path / "clean", **four_nodes), log=_quiet)
+    clean = run_job(config_at(tmp_path / "clean", **FOUR_NODES), log=_quiet)
     faulted = _with_faults(
-        config_at(tmp_path / "faulted", **four_nodes),
+        config_at(tmp_path / "faulted", **FOUR_NODES),
         [{"kind": "kill_node", "step": 5, "node": 1}, {"kind": "kill_node", "step": 5, "node": 3}],
     )
     summary = run_job(faulted, log=_quiet)
@@ -235,12 +238,7 @@ def test_a_node_lost_during_the_recovery_is_assessed_again(tmp_path, config_at, 
 
     from stalwart.launch.controller import JobController
 
-    four_nodes = {
-        "parallel": {"strategy": "ddp", "world_size": 4},
-        "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
-        "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
-    }
-    clean = run_job(config_at(tmp_path / "clean", **four_nodes), log=_quiet)
+    clean = run_job(config_at(tmp_path / "clean", **FOUR_NODES), log=_quiet)
     rebuild = JobController._rebuild
     removed = []
 
@@ -261,7 +259,7 @@ def test_a_node_lost_during_the_recovery_is_assessed_again(tmp_path, config_at, 
     monkeypatch.setattr(JobController, "_rebuild", rebuild_while_a_second_node_dies)
     messages = []
     faulted = _with_faults(
-        config_at(tmp_path / "faulted", **four_nodes),
+        config_at(tmp_path / "faulted", **FOUR_NODES),
         [{"kind": "kill_node", "step": 5, "node": 1}],
     )
     summary = run_job(faulted, log=messages.append)
@@ -281,12 +279,7 @@ def test_a_node_lost_while_the_new_group_starts_is_recovered_again(
     again (parity rebuild on the second spare), and the run still ends bit-identical."""
     from stalwart.launch.controller import JobController
 
-    four_nodes = {
-        "parallel": {"strategy": "ddp", "world_size": 4},
-        "cluster": {"num_nodes": 4, "num_spare_nodes": 2},
-        "snapshot": {"erasure": {"group_size": 4, "parity": 2}},
-    }
-    clean = run_job(config_at(tmp_path / "clean", **four_nodes), log=_quiet)
+    clean = run_job(config_at(tmp_path / "clean", **FOUR_NODES), log=_quiet)
     start_workers = JobController._start_workers
     removed = []
 
@@ -299,7 +292,7 @@ def test_a_node_lost_while_the_new_group_starts_is_recovered_again(
     monkeypatch.setattr(JobController, "_start_workers", start_while_a_node_dies)
     messages = []
     faulted = _with_faults(
-        config_at(tmp_path / "faulted", **four_nodes),
+        config_at(tmp_path / "faulted", **FOUR_NODES),
         [{"kind": "kill_node", "step": 5, "node": 1}],
     )
     summary = run_job(faulted, log=messages.append)
@@ -308,6 +301,28 @@ def test_a_node_lost_while_the_new_group_starts_is_recovered_again(
     assert any("recovering again" in m for m in messages), messages
     assert [(r.kind, r.source) for r in summary["recoveries"]] == [("node", "erasure")], messages
     _assert_identical(clean, summary)
+
+
+def test_an_error_during_the_recovery_with_nothing_dead_is_raised(make_config, monkeypatch):
+    """The retry of a failed recovery is for faults still unfolding; when nothing died, the
+    error is the job's own and reaches the user instead of being retried away."""
+    import ray
+
+    from stalwart.launch.controller import JobController
+
+    start_workers = JobController._start_workers
+
+    def start_fails_in_the_recovery(self, **kwargs):
+        if self.attempt >= 1:
+            raise ray.exceptions.GetTimeoutError("setup of the new group timed out")
+        return start_workers(self, **kwargs)
+
+    monkeypatch.setattr(JobController, "_start_workers", start_fails_in_the_recovery)
+    config = _with_faults(
+        make_config(), [{"kind": "kill_worker", "step": 3, "phase": "forward", "rank": 1}]
+    )
+    with pytest.raises(ray.exceptions.GetTimeoutError, match="setup of the new group"):
+        run_job(config, log=_quiet)
 
 
 @pytest.mark.slow

@@ -69,6 +69,34 @@ def cluster():
     handle.shutdown()
 
 
+def test_held_out_evaluation_skips_weights_lost_with_their_node(cluster, tmp_path, capsys):
+    """Evaluation runs after the loop from kept weight references; one whose object died with
+    its owner (a lost node's process) is skipped and said so, the rest are scored."""
+    import ray
+
+    from stalwart.launch.rl_driver import RolloutActor, evaluate_checkpoints
+    from stalwart.trainer.rl.learner import RLLearner
+
+    config = config_for(tmp_path)
+    weights = RLLearner(config).weights().as_tuple()
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def put(self, value):
+            return [ray.put(value)]  # in a list: the reference stays this actor's
+
+    owner = Owner.remote()
+    (lost,) = ray.get(owner.put.remote(weights))
+    ray.kill(owner)
+    actor = RolloutActor.remote(config.to_dict(), 0)
+    try:
+        results = evaluate_checkpoints(config, [actor], {0: ray.put(weights), 3: lost})
+    finally:
+        ray.kill(actor)
+    assert [result["version"] for result in results] == [0]
+    assert "version 3 skipped: its weights were lost" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def clean(cluster, tmp_path_factory):
     from stalwart.launch.rl_driver import run_pipeline

@@ -236,3 +236,22 @@ def test_ray_actor_manager(tmp_path, job_id):
         region.close()
     finally:
         ray.shutdown()
+
+
+def test_set_manager_names_the_first_version_sure_to_reach_the_replacement(tmp_path, job_id):
+    """Every version captured after `set_manager` goes to the new manager, and the returned
+    floor is exactly the next one; the controller abandons older versions elsewhere."""
+    old, new = FakeManager(job_id + "a"), FakeManager(job_id + "b")
+    trainer = make_trainer(tmp_path)
+    agent = SnapshotAgent(trainer, old, rank=0, every_steps=2)
+    for _ in range(3):
+        trainer.train_step()  # version 2 is captured, version 3 is not (every_steps 2)
+    agent.flush()
+    assert agent.set_manager(new) == 3
+    trainer.train_step()
+    agent.flush()
+    assert list(old.published) == [2] and list(new.published) == [4]
+    assert agent.set_manager(old) == 5
+    agent.close()
+    shm.remove_regions(shm.job_prefix(job_id + "a"))
+    shm.remove_regions(shm.job_prefix(job_id + "b"))

@@ -3,14 +3,14 @@
 from stalwart.snapshot.manager import SnapshotManager
 
 
-def _manager():
+def _manager(job_id="freeze", parity=0):
     return SnapshotManager(
-        job_id="freeze",
+        job_id=job_id,
         position=0,
         positions=[0, 1],
         ranks=[0],
         group_size=2,
-        parity=0,
+        parity=parity,
         run_dir="/tmp/unused",
     )
 
@@ -57,15 +57,7 @@ def test_a_dropped_versions_late_encode_leaves_the_next_attempts_version_alone(m
         return {}
 
     monkeypatch.setattr(manager_module, "compute_parity", parity)
-    manager = SnapshotManager(
-        job_id="stale",
-        position=0,
-        positions=[0, 1],
-        ranks=[0],
-        group_size=2,
-        parity=1,
-        run_dir="/tmp/unused",
-    )
+    manager = _manager("stale", parity=1)
     layout = json.dumps({"entries": [], "total_bytes": 0})
     try:
         manager.ready(2, 0, {})
