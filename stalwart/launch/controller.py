@@ -102,8 +102,10 @@ class JobController:
         *,
         sinks=None,
         log=print,
+        role: str = "train",
     ):
         self.config = config
+        self.role = role  # "rl_learner": the RL driver steps the group (see `submit`, `check`)
         self.cluster = cluster
         self.run_dir = Path(run_dir)
         self.job_id = uuid.uuid4().hex[:8]
@@ -122,7 +124,10 @@ class JobController:
         self.workers: dict[int, object] = {}
         self.cursors: dict[int, int] = {}
         self.recoveries: list[Recovery] = []
-        self.pending_faults = [event.model_dump() for event in config.faults.events]
+        # An RL driver injects its faults itself, by learner step.
+        self.pending_faults = (
+            [event.model_dump() for event in config.faults.events] if role == "train" else []
+        )
         self.fault_log: list[dict] = []
         self.reported_faults: dict[int, dict] = {}
         self.executed_faults: set[tuple] = set()
@@ -140,7 +145,7 @@ class JobController:
         self.standbys: dict[str, list] = {}  # node id -> standby workers (built or building)
         self.standby_managers: dict[str, object] = {}  # spare node id -> idle manager
         self.standby_manager_takeovers = 0
-        self.use_standbys = self._standbys_possible(config)
+        self.use_standbys = self._standbys_possible(config, role)
         self.last_standby_ranks = 0
         self._refill_after_step: int | None = None  # refill the standbys once past this step
 
@@ -156,13 +161,13 @@ class JobController:
         return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
 
     @staticmethod
-    def _standbys_possible(config: RunConfig) -> bool:
+    def _standbys_possible(config: RunConfig, role: str = "train") -> bool:
         from stalwart.trainer.loop import Trainer
 
         return (
             config.cluster.standby_workers
             and config.cluster.gpus_per_worker == 0
-            and Trainer.can_attach_later(config)
+            and (role == "rl_learner" or Trainer.can_attach_later(config))
         )
 
     def _new_worker(self, node_id: str, rank: int, position: int, *, standby: bool = False):
@@ -179,6 +184,7 @@ class JobController:
             world_size=self.world_size,
             run_dir=str(self.run_dir),
             position=position,
+            role=self.role,
         )
 
     def _refill_standbys(self) -> None:
@@ -347,11 +353,7 @@ class JobController:
                 )
             self._recover_through(failure)
         self._drain_progress()
-        for manager in self.managers.values():
-            try:
-                ray.get(manager.flush_durable.remote(), timeout=600)
-            except Exception as error:  # the durable tier is best effort at the very end
-                self.log(f"durable tier flush failed: {error!r}")
+        self.flush_durable()
         return {
             "step": self.last_step,
             "recoveries": self.recoveries,
@@ -363,46 +365,88 @@ class JobController:
 
     def _watch(self, refs: dict) -> Failure | None:
         pending = dict(refs)
-        hang_timeout_s = self.config.cluster.hang_timeout_s
         while pending:
             done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=POLL_S)
-            for ref in done:
-                rank = next(r for r, v in pending.items() if v == ref)
-                try:
-                    ray.get(ref)
-                    del pending[rank]
-                except (RayActorError, RayTaskError) as error:
-                    cause = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-                    return self._classify([rank], f"rank {rank}: {type(error).__name__}: {cause}")
-            idle = self._drain_progress()
-            if self._refill_after_step is not None and (
-                self.max_step_seen > self._refill_after_step
-            ):
-                self._refill_after_step = None
-                self._refill_standbys()
-            self._controller_faults()
-            self._replace_dead_managers()
-            alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
-            gone = [p for p, node_id in self.node_of.items() if node_id not in alive_nodes]
-            if gone:
-                return self._classify(
-                    [r for p in gone for r in self.ranks_of(p)],
-                    f"node(s) at positions {gone} left the cluster",
-                )
-            silent = [
-                rank for rank, idle_s in idle.items() if idle_s == float("inf") and rank in pending
-            ]
-            if silent:
-                return self._classify(silent, f"rank(s) {silent} do not answer")
-            stalled = [
-                rank for rank, idle_s in idle.items() if idle_s > hang_timeout_s and rank in pending
-            ]
-            if stalled:
-                failure = self._classify(stalled, f"no progress for {hang_timeout_s:.0f} s")
-                if failure.kind == "process":
-                    failure.kind = "hang"
+            failure = self.check(pending, done)
+            if failure is not None:
                 return failure
         return None
+
+    def check(self, pending: dict, done=()) -> Failure | None:
+        """One look at the group: `pending` maps ranks to the calls they are running (finished
+        ones in `done` are checked and dropped from it). A failed call, a departed node, a rank
+        that does not answer, or one running call without progress for cluster.hang_timeout_s
+        is a failure, classified; None: all is well. Also reads the ranks' progress, carries
+        out due fault injections, restarts dead managers and refills standbys. `run` calls it
+        every POLL_S; a caller that steps the group itself (the RL driver) calls it as often.
+        """
+        hang_timeout_s = self.config.cluster.hang_timeout_s
+        for ref in done:
+            rank = next(r for r, v in pending.items() if v == ref)
+            try:
+                ray.get(ref)
+                del pending[rank]
+            except (RayActorError, RayTaskError) as error:
+                cause = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+                return self._classify([rank], f"rank {rank}: {type(error).__name__}: {cause}")
+        idle = self._drain_progress()
+        if self._refill_after_step is not None and self.max_step_seen > self._refill_after_step:
+            self._refill_after_step = None
+            self._refill_standbys()
+        self._controller_faults()
+        self._replace_dead_managers()
+        alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
+        gone = [p for p, node_id in self.node_of.items() if node_id not in alive_nodes]
+        if gone:
+            return self._classify(
+                [r for p in gone for r in self.ranks_of(p)],
+                f"node(s) at positions {gone} left the cluster",
+            )
+        silent = [
+            rank for rank, idle_s in idle.items() if idle_s == float("inf") and rank in pending
+        ]
+        if silent:
+            return self._classify(silent, f"rank(s) {silent} do not answer")
+        stalled = [
+            rank for rank, idle_s in idle.items() if idle_s > hang_timeout_s and rank in pending
+        ]
+        if stalled:
+            failure = self._classify(stalled, f"no progress for {hang_timeout_s:.0f} s")
+            if failure.kind == "process":
+                failure.kind = "hang"
+            return failure
+        return None
+
+    def submit(self, method: str, *args) -> dict:
+        """Call `method` on every rank of the group (the RL driver's step-by-step mode):
+        {rank: what `.remote()` returned}."""
+        return {
+            rank: getattr(worker, method).remote(*args) for rank, worker in self.workers.items()
+        }
+
+    def recover(self, failure: Failure) -> Recovery:
+        """Recover the group from `failure` (as `run` does) and return the recovery's record:
+        the version the new group restored (`restored_version`) and from where (`source`)."""
+        if len(self.recoveries) >= self.config.cluster.max_recoveries:
+            raise JobFailed(f"gave up after {len(self.recoveries)} recoveries: {failure.detail}")
+        self._recover_through(failure)
+        return self.recoveries[-1]
+
+    def committed_version(self) -> int | None:
+        """The newest version committed everywhere (the lowest of the managers' reports)."""
+        statuses = self._call_all(self.managers, "status", timeout_s=30.0)
+        committed = [s["committed"] if s else None for s in statuses.values()]
+        if not committed or any(c is None for c in committed):
+            return None
+        return min(committed)
+
+    def flush_durable(self) -> None:
+        """Wait for every manager's durable writes (best effort at the very end of a run)."""
+        for manager in self.managers.values():
+            try:
+                ray.get(manager.flush_durable.remote(), timeout=600)
+            except Exception as error:
+                self.log(f"durable tier flush failed: {error!r}")
 
     @staticmethod
     def _call_all(

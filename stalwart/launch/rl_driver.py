@@ -12,6 +12,12 @@ Roles
   generates). A call starts with the newest version it holds (in-flight weight updates at chunk
   boundaries) and fetches it zero-copy only when the version changed: one put, many gets. Weights
   never change inside a generation call, so every group has exactly one generating version.
+- With ``parallel.world_size`` above 1 the learner is instead a data-parallel group of
+  `launch.worker.TrainWorker` ranks (role ``rl_learner``) that a `launch.controller.JobController`
+  starts, watches (`check`) and recovers (`recover`) as it does a training job's ranks: one
+  snapshot manager per node, erasure-coded across nodes. Every rank gets the whole batch (one
+  put), trains on its share of the groups, and the ranks all-reduce their gradients; rank 0
+  returns the new weights.
 - The driver (`PipelineDriver`) owns every decision (`trainer.rl.pipeline`): what to generate
   when (the staleness gate), the order in which groups are consumed (dispatch order), which
   prompts are retired, and recovery.
@@ -34,6 +40,11 @@ Fault tolerance
   since that version (kept by the driver until a newer snapshot is published) are handed to it
   again, and the rollout actors receive its weights with their versions as its steps complete.
   Learner steps are deterministic, so the recovered run continues bit for bit.
+
+A multi-rank learner's failures (a killed rank, a dead manager, a lost node, a hang) are found
+and recovered by its controller: the newest version committed on every node, rebuilt from
+parity where a node was lost, or the durable tier beyond the parity. The driver then hands the
+new group the batches since the restored version, or rewinds the pipeline to the checkpoint.
 
 Evaluation runs after the loop: the weights of every ``rl.eval_every``-th version are kept (by
 reference) and scored on held-out problems, so evaluation never steals time from the measured
@@ -59,7 +70,7 @@ import xxhash
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from stalwart.config import RunConfig, config_from_dict, load_config, save_config
+from stalwart.config import FaultEvent, RunConfig, config_from_dict, load_config, save_config
 from stalwart.trainer.rl.analysis import (
     add_analyze_arguments,
     add_fit_arguments,
@@ -83,6 +94,8 @@ LEARNER_RANK = 0
 # What the learner (and its standby) ask of `rl.learner_node_resource`: a token, not a budget.
 LEARNER_RESOURCE_SHARE = 0.001
 STATE_DIRNAME = "rl_state"
+# How often the driver asks a multi-rank learner's controller for its health.
+GROUP_POLL_S = 0.5
 # Fault injection (`faults.events`, by learner step) an RL run understands.
 RL_FAULTS = {
     "kill_worker": "SIGKILL the learner",
@@ -274,8 +287,18 @@ class PipelineDriver:
         self.kill_learner_at = set(kill_learner_at_steps) | {
             e.step for e in events if e.kind == "kill_worker"
         }
+        world_size, num_nodes = config.parallel.world_size, config.cluster.num_nodes
+        for event in events:
+            if event.rank >= world_size or (event.node is not None and event.node >= num_nodes):
+                raise ValueError(
+                    f"faults.events: {event.kind} at step {event.step} names rank {event.rank}, "
+                    f"node {event.node}; the learner has parallel.world_size {world_size} ranks "
+                    f"on cluster.num_nodes {num_nodes} nodes"
+                )
         self.kill_node_at = {e.step for e in events if e.kind == "kill_node"}
         self.kill_manager_at = {e.step for e in events if e.kind == "kill_manager"}
+        # With the rank / node each names, for a multi-rank learner (`_group_faults`).
+        self.fault_events = list(events)
         if self.kill_node_at and (cluster is None or not cluster.embedded):
             raise ValueError(
                 "faults.events: kill_node removes a node of an embedded cluster; run the job on "
@@ -313,6 +336,11 @@ class PipelineDriver:
         self.learner = None
         self.standby = None
         self.learner_where: dict = {}
+        # parallel.world_size > 1: the learner is a data-parallel worker group that a
+        # JobController starts, watches and recovers (see `_setup_group`).
+        self.group = None
+        self.step_refs: dict[int, dict] = {}  # step -> {rank: metrics ref} (group only)
+        self._next_group_check = 0.0
         self.actors: list = []
         # Profile of where the time goes (seconds, summed over calls).
         self.profile = {
@@ -391,22 +419,104 @@ class PipelineDriver:
             ray.get([actor.pid.remote() for actor in self.actors])
 
     def setup(self) -> None:
+        self.start_sequence = 0
+        start = self._setup_group() if self.config.parallel.world_size > 1 else self._setup_one()
+        self.start_version = start
+        self.weights_ref = self._learner_weights()
+        self.published_version = start
+        self.checkpoints: dict[int, Any] = {start: self.weights_ref}
+        self._start_rollout_actors()
+
+    def _learner_weights(self):
+        if self.group is not None:
+            return self.group.workers[0].rl_weights.remote()
+        return self.learner.weights.remote()
+
+    def _resume_state(self, start: int) -> None:
+        state = self._read_dispatch_state(start)
+        self.pool.load_state_dict(state["pool"])
+        self.start_sequence = state["next_sequence"]
+        self.record["resumed_from"] = start
+        self.log(f"resumed from the durable checkpoint of step {start}")
+
+    def _setup_group(self) -> int:
+        """A data-parallel learner of parallel.world_size ranks (cluster.num_nodes x
+        cluster.workers_per_node, one snapshot manager per node, erasure-coded across nodes),
+        started, watched and recovered by a `JobController` as a training job's ranks are."""
+        from stalwart.launch.cluster import ClusterHandle
+        from stalwart.launch.controller import JobController
+
+        self.group = JobController(
+            self.config,
+            self.cluster if self.cluster is not None else ClusterHandle(),
+            self.run_dir,
+            log=self.log,
+            role="rl_learner",
+        )
+        start = 0
+        if self.resume_step is not None:
+            start = self._verified_checkpoint(
+                [s for s in self._durable_candidates() if s <= self.resume_step],
+                f"resuming {self.run_dir}",
+            )
+            self.group.start(resume_step=start)
+            self._resume_state(start)
+        else:
+            self.group.start()
+            if self.rl.warmup_sft_steps:
+                results = ray.get(
+                    list(self.group.submit("rl_warmup", self.rl.warmup_sft_steps).values())
+                )
+                self.record["warmup"] = results[0]
+                self.log(f"supervised warm-up: {self.record['warmup']}")
+        if self.config.snapshot.enabled:
+            ray.get(list(self.group.submit("rl_snapshot").values()))
+            if not self._group_committed(start):
+                raise RuntimeError(
+                    f"the snapshot managers did not commit the learner's version {start}"
+                )
+        return start
+
+    def _group_committed(self, version: int) -> bool:
+        """Wait up to COMMIT_WAIT_S for `version` to commit on every node of the group."""
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while True:
+            committed = self.group.committed_version()
+            if committed is not None and committed >= version:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def _verified_checkpoint(self, candidates: list[int], context: str) -> int:
+        """The first of `candidates` (newest first) whose every file verifies."""
+        from stalwart.snapshot.persist import load_checkpoint
+
+        errors = []
+        for step in candidates:
+            try:
+                load_checkpoint(self.run_dir, step)
+                return step
+            except (OSError, ValueError) as error:
+                errors.append(f"step {step}: {error}")
+                self.log(f"durable checkpoint of step {step} is unusable ({error}); trying older")
+        raise RuntimeError(
+            f"{context}: no durable checkpoint could be loaded: {'; '.join(errors) or 'none'}"
+        )
+
+    def _setup_one(self) -> int:
         self._start_learner_group()
-        start, self.start_sequence = 0, 0
+        start = 0
         if self.resume_step is not None:
             # The requested checkpoint, or an older one if it does not verify.
             candidates = [s for s in self._durable_candidates() if s <= self.resume_step]
             start, info = self._load_durable(candidates, f"resuming {self.run_dir}")
-            state = self._read_dispatch_state(start)
-            self.pool.load_state_dict(state["pool"])
-            self.start_sequence = state["next_sequence"]
             if info["version"] != start:
                 raise RuntimeError(
                     f"the durable checkpoint of step {start} holds learner version "
                     f"{info['version']}: the checkpoint directory is inconsistent"
                 )
-            self.record["resumed_from"] = start
-            self.log(f"resumed from the durable checkpoint of step {start}")
+            self._resume_state(start)
         else:
             if self.rl.warmup_sft_steps:
                 self.record["warmup"] = ray.get(
@@ -421,11 +531,7 @@ class PipelineDriver:
                 raise RuntimeError(
                     f"the snapshot manager did not commit the learner's version {start}"
                 )
-        self.start_version = start
-        self.weights_ref = self.learner.weights.remote()
-        self.published_version = start
-        self.checkpoints: dict[int, Any] = {start: self.weights_ref}
-        self._start_rollout_actors()
+        return start
 
     def _stop_learner_group(self) -> None:
         """Stop the learner, its standby and its manager; release the manager's memory."""
@@ -443,6 +549,9 @@ class PipelineDriver:
         for job_id in self.job_ids:
             remove_regions(f"stalwart-{job_id}-")
         self.learner, self.standby, self.manager = None, None, None
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
 
     def close(self) -> None:
         for actor in self.actors:
@@ -486,8 +595,15 @@ class PipelineDriver:
             if self.learner_queue:
                 waitable.append(self.learner_queue[0][1])
             waited = time.perf_counter()
-            done, _ = ray.wait(waitable, num_returns=1)
+            # A multi-rank learner is also watched between results (a rank hung in a
+            # collective, a departed node): its controller looks every POLL_S.
+            timeout = GROUP_POLL_S if self.group is not None else None
+            done, _ = ray.wait(waitable, num_returns=1, timeout=timeout)
             self.profile["driver_wait_s"] += time.perf_counter() - waited
+            if self.group is not None and self._check_group():
+                continue  # recovered: the queue and the in-flight calls were rebuilt
+            if not done:
+                continue
             if self.learner_queue and done[0] == self.learner_queue[0][1]:
                 self._on_learner_result()
             else:
@@ -496,6 +612,11 @@ class PipelineDriver:
             # Nothing was drawn for a step past the last: the pool is as a longer run (resumed
             # with a larger trainer.max_steps) would find it.
             self._save_dispatch_state(self.num_steps)
+        if self.group is not None and self.config.snapshot.persist_every:
+            ray.get(list(self.group.submit("rl_flush").values()))
+            if not self._group_committed(self.published_version):
+                self.log(f"version {self.published_version} did not commit; not durable")
+            self.group.flush_durable()
         if self.manager is not None and self.config.snapshot.persist_every:
             # The last version reaches the manager, commits, and its checkpoint is on disk.
             try:
@@ -654,9 +775,12 @@ class PipelineDriver:
                 self.record["staleness"].append((step, group["version"]))
                 self.record["consumed_problem_ids"].append(group["problem_id"])
             self.batches[step] = ready
-            metrics_ref, weights_ref = self.learner.step.remote(ready)
+            metrics_ref, weights_ref = self._submit_step(step, ready)
             self.learner_queue.append((step, metrics_ref, weights_ref))
             self.next_step += 1
+            if self.group is not None:
+                self._group_faults(step)
+                continue
             if step in self.kill_learner_at:
                 self.kill_learner_at.discard(step)
                 self._kill_learner(step)
@@ -669,6 +793,72 @@ class PipelineDriver:
                 self.kill_manager_at.discard(step)
                 self.log(f"fault injection: killing the learner's snapshot manager at step {step}")
                 ray.kill(self.manager, no_restart=True)
+
+    def _submit_step(self, step: int, groups: list[dict]) -> tuple:
+        """The learner's step on `groups`: (metrics ref, weights ref). Every rank of a group
+        reads the same batch (one put); rank 0's results stand for the step."""
+        if self.group is None:
+            return self.learner.step.remote(groups)
+        refs = self.group.submit("rl_step", ray.put(groups), step)
+        self.step_refs[step] = {rank: pair[0] for rank, pair in refs.items()}
+        return refs[0][0], refs[0][1]
+
+    def _group_faults(self, step: int) -> None:
+        """Fault injection into a multi-rank learner while it runs `step`: every event of that
+        step, at the rank or node position it names (several may fire together)."""
+        group = self.group
+        events = [e for e in self.fault_events if e.step == step]
+        if step in self.kill_learner_at and not any(e.kind == "kill_worker" for e in events):
+            events.append(FaultEvent(kind="kill_worker", step=step))  # --kill-learner-at-step
+        self.kill_learner_at.discard(step)
+        self.fault_events = [e for e in self.fault_events if e.step != step]
+        for event in events:
+            self.kill_time = time.perf_counter()
+            if event.kind == "kill_worker":
+                worker = group.workers[event.rank]
+                pid = ray.get(worker.pid.remote())
+                self.log(
+                    f"fault injection: SIGKILL learner rank {event.rank} (pid {pid}), step {step}"
+                )
+                if ray.get(worker.node_ip.remote()) == ray.util.get_node_ip_address():
+                    os.kill(pid, signal.SIGKILL)  # same host: now, not after a task starts
+                else:
+                    node_id = group.node_of[group.position_of_rank(event.rank)]
+                    ray.get(_sigkill.options(scheduling_strategy=_pin(node_id)).remote(pid))
+                continue
+            position = event.node if event.node is not None else group.position_of_rank(event.rank)
+            if event.kind == "kill_node":
+                self.log(f"fault injection: removing learner node {position} during step {step}")
+                self.cluster.remove_node(group.node_of[position])
+            else:
+                self.log(f"fault injection: killing learner node {position}'s manager, step {step}")
+                ray.kill(group.managers[position], no_restart=True)
+
+    def _check_group(self, error: Exception | None = None, force: bool = False) -> bool:
+        """Ask the controller how the learner group is (every GROUP_POLL_S, at once when
+        rank 0's step raised `error` or `force`); recover it if it failed. True if it
+        recovered. An error while no rank, manager or node died is a real one and is raised."""
+        now = time.monotonic()
+        if error is None and not force and now < self._next_group_check:
+            return False
+        self._next_group_check = now + GROUP_POLL_S
+        oldest = self.learner_queue[0][0] if self.learner_queue else None
+        pending = dict(self.step_refs.get(oldest, {}))
+        done = []
+        if pending:
+            done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
+        failure = self.group.check(pending, done)
+        if failure is None and error is not None:
+            failure = self.group._classify(list(self.group.workers), f"rank 0: {error}")
+        if error is not None and failure.kind == "process" and not failure.dead_ranks:
+            time.sleep(1.0)  # a peer's death may reach rank 0 before Ray reports it
+            failure = self.group._classify(list(self.group.workers), f"rank 0: {error}")
+        if failure is None:
+            return False
+        if error is not None and failure.kind == "process" and not failure.dead_ranks:
+            raise error
+        self._recover_group(failure)
+        return True
 
     def _maybe_kill_rollout_actor(self) -> None:
         """Fault injection: once step N is handed out, kill an actor with a call in flight (at
@@ -705,11 +895,24 @@ class PipelineDriver:
         step, metrics_ref, weights_ref = self.learner_queue[0]
         try:
             metrics = ray.get(metrics_ref)
-        except RayActorError:
-            self._recover_learner()
+        except RayActorError as error:
+            if self.group is not None:
+                self._check_group(error)
+            else:
+                self._recover_learner()
+            return
+        except ray.exceptions.RayTaskError as error:
+            if self.group is None:
+                raise
+            # Rank 0's collective failed because another rank died: a recovery; raised again
+            # if nothing died.
+            self._check_group(error)
             return
         self.learner_queue.popleft()
-        if metrics.get("snapshot_manager_lost") and not self.replacing_manager:
+        self.step_refs.pop(step, None)
+        if self.group is not None:
+            pass  # the controller restarts a dead manager of the group (below)
+        elif metrics.get("snapshot_manager_lost") and not self.replacing_manager:
             self._replace_manager()
         elif not metrics.get("snapshot_manager_lost"):
             self.replacing_manager = False
@@ -746,6 +949,8 @@ class PipelineDriver:
         if self._out_of_time() and not self.stop:
             self.stop = True
             self.checkpoints[version] = weights_ref
+        if self.group is not None and metrics.get("snapshot_manager_lost"):
+            self._check_group(force=True)  # a rank saw its manager die: replace it now
 
     def _replace_manager(self) -> None:
         """The learner's snapshot manager died alone: start a new one on the learner's node and
@@ -882,28 +1087,8 @@ class PipelineDriver:
         step, info = self._load_durable(candidates, f"the learner died during step {failed_step}")
         if self.manager is not None:
             ray.get(self.learner.snapshot.remote())
-        state = self._read_dispatch_state(step)
-        self.pool.load_state_dict(state["pool"])
-        ray.get([actor.pid.remote() for actor in self.actors])
+        self._rewind_pipeline(step)
         restart_s = time.perf_counter() - started
-        # Everything after the checkpoint is trained again.
-        self.inflight, self.slots = {}, {}
-        self.outstanding = [0] * len(self.actors)
-        self.pending_groups = 0
-        self.next_sequence = state["next_sequence"]
-        self.next_step = step
-        self.learner_queue = deque()
-        self.batches = {}
-        self.published_snapshots = [step]
-        self.weights_ref = self.learner.weights.remote()
-        self.published_version = step
-        self.checkpoints = {v: ref for v, ref in self.checkpoints.items() if v < step}
-        self.checkpoints[step] = self.weights_ref
-        self.record["steps"] = [m for m in self.record["steps"] if m["step"] < step]
-        self.record["staleness"] = [(s, v) for s, v in self.record["staleness"] if s < step]
-        self.record["consumed_problem_ids"] = self.record["consumed_problem_ids"][
-            : len(self.record["staleness"])
-        ]
         recovery = {
             "kind": "learner",
             "step": failed_step,
@@ -922,6 +1107,103 @@ class PipelineDriver:
             f"restored the durable checkpoint of step {step}: {failed_step - step} learner "
             f"step(s) lost and trained again ({why})"
         )
+        self.record["recoveries"].append(recovery)
+        self.pending_recovery = (recovery, detected)
+
+    def _rewind_pipeline(self, step: int) -> None:
+        """The learner restarted from the durable checkpoint of `step`: the prompt pool and the
+        dispatch sequence go back to that step's, the rollout actors (new ones, started by the
+        caller) generate again from there, and the record forgets the steps after it."""
+        state = self._read_dispatch_state(step)
+        self.pool.load_state_dict(state["pool"])
+        ray.get([actor.pid.remote() for actor in self.actors])
+        self.inflight, self.slots = {}, {}
+        self.outstanding = [0] * len(self.actors)
+        self.pending_groups = 0
+        self.next_sequence = state["next_sequence"]
+        self.next_step = step
+        self.learner_queue = deque()
+        self.step_refs = {}
+        self.batches = {}
+        self.published_snapshots = [step]
+        self.weights_ref = self._learner_weights()
+        self.published_version = step
+        self.checkpoints = {v: ref for v, ref in self.checkpoints.items() if v < step}
+        self.checkpoints[step] = self.weights_ref
+        self.record["steps"] = [m for m in self.record["steps"] if m["step"] < step]
+        self.record["staleness"] = [(s, v) for s, v in self.record["staleness"] if s < step]
+        self.record["consumed_problem_ids"] = self.record["consumed_problem_ids"][
+            : len(self.record["staleness"])
+        ]
+
+    def _recover_group(self, failure) -> None:
+        """The controller recovers the learner group (same steps as for a training job: stop
+        the survivors, pick the newest version committed everywhere, rebuild lost positions
+        from parity on spare nodes, start and restore a new group, or fall back to the durable
+        tier); the driver then hands the new group the batches since the restored version, or
+        rewinds the pipeline to the durable checkpoint."""
+        detected = time.perf_counter()
+        failed_step = self.learner_queue[0][0] if self.learner_queue else self.next_step
+        detect_s = detected - self.kill_time if self.kill_time is not None else None
+        self.kill_time = None
+        self.log(f"learner group failed during step {failed_step}: {failure.detail}")
+        outcome = self.group.recover(failure)
+        version, source = outcome.restored_version, outcome.source
+        if version is None:
+            raise RuntimeError(
+                f"the learner group failed during step {failed_step} and neither memory nor the "
+                f"durable tier holds a version of it ({outcome.detail}); rerun the job"
+            )
+        recovery = {
+            "kind": "learner",
+            "failure": failure.kind,
+            "ranks": failure.ranks,
+            "step": failed_step,
+            "restored_version": version,
+            "source": source,
+            "detect_s": detect_s,
+            "controller_detect_s": outcome.detection_s,
+            "teardown_s": outcome.teardown_s,
+            "rebuild_s": outcome.rebuild_s,
+            "restart_s": outcome.restart_s,
+            "restore_s": outcome.restore_s,
+            "standby_ranks": outcome.standby_ranks,
+            "detail": outcome.detail,
+        }
+        if source == "durable":
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            self._start_rollout_actors(wait=False)
+            if self.config.snapshot.enabled:
+                ray.get(list(self.group.submit("rl_snapshot").values()))
+            self._rewind_pipeline(version)
+            recovery["steps_lost"] = failed_step - version
+            self.log(
+                f"restored the durable checkpoint of step {version}: {failed_step - version} "
+                "learner step(s) lost and trained again"
+            )
+        else:
+            missing = [s for s in range(version, self.next_step) if s not in self.batches]
+            if missing:
+                raise RuntimeError(
+                    f"internal error: recovering version {version} needs the batches of steps "
+                    f"{missing}, which were already dropped"
+                )
+            self.learner_queue = deque()
+            self.step_refs = {}
+            if version > failed_step:
+                for step in range(failed_step, version):
+                    self.record["steps"].append(
+                        {"step": step, "version": float(step + 1), "metrics_lost": 1.0}
+                    )
+                self._publish(self._learner_weights(), version)
+            for step in range(version, self.next_step):
+                metrics_ref, weights_ref = self._submit_step(step, self.batches[step])
+                if step >= failed_step:
+                    self.learner_queue.append((step, metrics_ref, weights_ref))
+                else:
+                    self.step_refs.pop(step, None)
+            recovery["replayed_steps"] = self.next_step - version
         self.record["recoveries"].append(recovery)
         self.pending_recovery = (recovery, detected)
 
@@ -995,6 +1277,10 @@ class PipelineDriver:
         if self.manager is not None:
             status = ray.get(self.manager.status.remote())
             record["snapshot_committed_version"] = status["committed"]
+        if self.group is not None:
+            record["snapshot_committed_version"] = self.group.committed_version()
+            record["learner_ranks"] = self.group.world_size
+            record["manager_restarts"] = self.group.manager_restarts
         final = Packed.from_tuple(ray.get(self.weights_ref))
         record["final_weights_xxh64"] = xxhash.xxh64_hexdigest(final.buffer)
         return record
@@ -1170,9 +1456,11 @@ def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
     address = address or config.cluster.address
     cluster = None
     num_nodes = config.cluster.num_nodes + config.cluster.num_spare_nodes
-    if not address and num_nodes > 1 and not ray.is_initialized():
+    multi_rank = config.parallel.world_size > 1
+    if not address and (num_nodes > 1 or multi_rank) and not ray.is_initialized():
         # Simulated nodes, as `stalwart train` has them: a lost learner node can be injected
-        # (faults kill_node) and the learner restarts on another one.
+        # (faults kill_node) and the learner restarts on another one (or, for a multi-rank
+        # learner, its position is rebuilt from parity on a spare node).
         from stalwart.launch.cluster import NODE_RESOURCE, connect
         from stalwart.launch.job import cpus_per_node
 
@@ -1182,7 +1470,7 @@ def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
             num_spare_nodes=config.cluster.num_spare_nodes,
             cpus_per_node=cpus_per_node(config),
         )
-        if config.rl.learner_node_resource is None:
+        if config.rl.learner_node_resource is None and not multi_rank:
             config.rl.learner_node_resource = NODE_RESOURCE  # a worker node, not the head
         started = False
     else:

@@ -8,6 +8,12 @@ since the last poll, so the driver logs them and sees whether the rank still mak
 A standby worker is created before it has a rank and `prepare`s: it builds its Trainer with
 no process group. When a recovery hands it a rank, `setup` only joins the new group, wraps the
 model for it and loads the state: no process start, no imports, no model build.
+
+Role ``rl_learner``: the worker hosts one rank of a data-parallel RL learner
+(`trainer.rl.learner.RLLearner`) instead of a Trainer. The RL driver, not the worker, owns the
+loop: it hands every rank the same batch (`rl_step`, one object-store put read by all ranks),
+the ranks all-reduce their gradients and step in lockstep, and rank 0 returns the new weights.
+Snapshots, standbys, process groups and recovery are the same as for a training rank.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch
 from stalwart.config import config_from_dict
 from stalwart.trainer import parallel
 
+ROLES = ("train", "rl_learner")
+
 
 class StopRequested(Exception):
     """Raised inside `run` when the controller asked the worker to stop."""
@@ -30,7 +38,19 @@ class StopRequested(Exception):
 
 @ray.remote(max_concurrency=4)
 class TrainWorker:
-    def __init__(self, config: dict, *, rank: int, world_size: int, run_dir: str, position: int):
+    def __init__(
+        self,
+        config: dict,
+        *,
+        rank: int,
+        world_size: int,
+        run_dir: str,
+        position: int,
+        role: str = "train",
+    ):
+        if role not in ROLES:
+            raise ValueError(f"worker role {role!r}; choose one of {', '.join(ROLES)}")
+        self.role = role
         self.config = config_from_dict(config)
         self.rank = rank
         self.world_size = world_size
@@ -44,6 +64,7 @@ class TrainWorker:
         self._faults = None
         self._store = None  # rank 0's rendezvous store
         self._build_lock = threading.Lock()  # `setup` waits for a standby's `prepare`
+        self._step_turn = threading.Condition()  # rl_step calls run one at a time, in order
         self.prepared_s: float | None = None
 
     def pid(self) -> int:
@@ -70,10 +91,23 @@ class TrainWorker:
             config.trainer.num_threads or max(1, int(config.cluster.cpus_per_worker))
         )
 
-    def prepare(self) -> dict:
-        """Standby: build the Trainer now, before this worker has a rank or a process group."""
+    def _build(self, rank: int):
+        if self.role == "rl_learner":
+            from stalwart.trainer.rl.learner import RLLearner
+
+            return RLLearner(self.config, rank=rank, world_size=self.world_size)
         from stalwart.trainer.loop import Trainer
 
+        return Trainer(self.config, rank=rank, world_size=self.world_size, run_dir=self.run_dir)
+
+    def _step(self) -> int:
+        """The rank's step: a Trainer's step count, an RL learner's weights version."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.version if self.role == "rl_learner" else self.trainer.step
+
+    def prepare(self) -> dict:
+        """Standby: build the Trainer now, before this worker has a rank or a process group."""
         started = time.perf_counter()
         with self._build_lock:
             if self.trainer is None:
@@ -82,9 +116,7 @@ class TrainWorker:
                 import torch._dynamo  # noqa: F401
 
                 self._set_threads()
-                self.trainer = Trainer(
-                    self.config, rank=0, world_size=self.world_size, run_dir=self.run_dir
-                )
+                self.trainer = self._build(rank=0)
                 self.prepared_s = time.perf_counter() - started
         return {"pid": os.getpid(), "build_s": self.prepared_s}
 
@@ -110,8 +142,6 @@ class TrainWorker:
         manager), when an elastic job continues on fewer ranks; by default this rank's own.
         `rank`/`world_size`/`position` assign a standby worker its place.
         """
-        from stalwart.trainer.loop import Trainer
-
         if rank is not None:
             self.rank = rank
         if world_size is not None:
@@ -140,9 +170,7 @@ class TrainWorker:
             if prepared:
                 self.trainer.attach_process_group(self.rank, self.world_size)
             else:
-                self.trainer = Trainer(
-                    config, rank=self.rank, world_size=self.world_size, run_dir=self.run_dir
-                )
+                self.trainer = self._build(rank=self.rank)
         restored_from = None
         restore_started = time.perf_counter()
         if durable_step is not None:
@@ -167,7 +195,7 @@ class TrainWorker:
                 self.trainer, manager, rank=self.rank, every_steps=config.snapshot.every_steps
             )
         restore_s = time.perf_counter() - restore_started if restored_from else 0.0
-        if fault_events:
+        if fault_events and self.role == "train":
             from stalwart.launch.faults import FaultInjector
 
             self._faults = FaultInjector(fault_events, rank=self.rank, attempt=attempt)
@@ -175,7 +203,7 @@ class TrainWorker:
         self.last_progress_s = time.monotonic()
         return {
             "rank": self.rank,
-            "step": self.trainer.step,
+            "step": self._step(),
             "restore_s": restore_s,
             "restored_from": restored_from,
             "pid": os.getpid(),
@@ -183,6 +211,8 @@ class TrainWorker:
 
     def run(self, until_step: int) -> dict:
         """Train until `until_step`; returns the final step."""
+        if self.role != "train":
+            raise RuntimeError(f"a {self.role} worker is driven step by step, not by run()")
         trainer = self.trainer
         eval_every = self.config.trainer.eval_every
         while trainer.step < until_step:
@@ -201,10 +231,9 @@ class TrainWorker:
         return {"rank": self.rank, "step": trainer.step}
 
     def progress(self, cursor: int = 0) -> dict:
-        step = self.trainer.step if self.trainer is not None else 0
         return {
             "rank": self.rank,
-            "step": step,
+            "step": self._step(),
             "idle_s": time.monotonic() - self.last_progress_s,
             "pending_fault": self._faults.pending if self._faults is not None else None,
             "manager_lost": bool(self.agent is not None and self.agent.manager_lost),
@@ -225,6 +254,66 @@ class TrainWorker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- role rl_learner: the RL driver calls these on every rank, in the same order -------------
+
+    def rl_warmup(self, num_steps: int) -> dict:
+        """Supervised warm-up; every rank runs the same seeded steps, so all end identical."""
+        result = self.trainer.warmup(num_steps)
+        self.last_progress_s = time.monotonic()
+        return result
+
+    def rl_snapshot(self) -> int:
+        """Snapshot the current version now and wait until the manager has it."""
+        self.agent.snapshot(self.trainer.version)
+        self.agent.flush()
+        return self.trainer.version
+
+    def rl_flush(self) -> int | None:
+        """Wait until every snapshot taken so far reached the manager; the newest version."""
+        if self.agent is None:
+            return None
+        self.agent.flush()
+        return self.agent.last_version
+
+    def rl_weights(self) -> tuple:
+        return self.trainer.weights().as_tuple()
+
+    @ray.method(num_returns=2)
+    def rl_step(self, groups: list[dict], step: int) -> tuple[dict, tuple | None]:
+        """Learner step `step` (version `step` -> `step + 1`) on the whole batch (this rank
+        trains on its share); rank 0 also returns the new weights, the other ranks None.
+
+        The driver queues the next step behind the running one, and this actor runs calls on
+        several threads: a call waits for its version, so steps run one at a time, in order."""
+        with self._step_turn:
+            self._step_turn.wait_for(
+                lambda: self.trainer.version >= step or self._stop.is_set(),
+                timeout=self._group_timeout_s(),
+            )
+            if self.trainer.version != step:
+                raise RuntimeError(
+                    f"rank {self.rank} holds version {self.trainer.version}, asked for step {step}"
+                )
+            metrics, weights = self._rl_step(groups)
+            self._step_turn.notify_all()
+        return metrics, weights
+
+    def _rl_step(self, groups: list[dict]) -> tuple[dict, tuple | None]:
+        self.last_progress_s = time.monotonic()  # waiting for data is not a hang
+        metrics = self.trainer.step(groups)
+        if self.agent is not None:
+            last = self.agent.last_version
+            metrics["snapshot_published_version"] = -1 if last is None else last
+            metrics["snapshot_blocking_s"] = self.agent.last_blocking_s
+            metrics["snapshot_manager_lost"] = float(self.agent.manager_lost)
+        weights = None
+        if self.rank == 0:
+            started = time.perf_counter()
+            weights = self.trainer.weights().as_tuple()
+            metrics["weights_pack_s"] = time.perf_counter() - started
+        self.last_progress_s = time.monotonic()
+        return metrics, weights
 
     def local_state_arrays(self) -> dict[str, np.ndarray]:
         """This rank's parameters and optimizer state as raw arrays (bf16 viewed as int16)."""

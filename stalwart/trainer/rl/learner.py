@@ -80,7 +80,14 @@ def collate(groups: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
 
 
 class RLLearner:
-    def __init__(self, config: RunConfig, state: Packed | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        state: Packed | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         torch.set_num_threads(config.rl.learner_num_threads)
         self.config = config
         self.tokenizer = ByteTokenizer()
@@ -98,12 +105,16 @@ class RLLearner:
         self.settings = loss_settings(config)
         self.version = 0
         self.num_sft_steps = 0
-        self.world_size = 1
+        self.rank, self.world_size = rank, world_size
         self.before_optimizer_hooks: list[Callable[[int], None]] = []
         self.after_step_hooks: list[Callable[[int], None]] = []
         self._materialise_optimizer_state()
         if state is not None:
             self.load_state(state)
+
+    def attach_process_group(self, rank: int, world_size: int) -> None:
+        """A learner built before it had a rank (a standby) takes its place in a group."""
+        self.rank, self.world_size = rank, world_size
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -236,24 +247,12 @@ class RLLearner:
         if groups:
             batch = collate(groups, self.tokenizer.pad_id)
             advantages = group_advantages(batch["rewards"], batch["group_ids"], rl.advantage_norm)
-            logprobs = sequence_logprobs(
-                self.model,
-                batch["prompts"],
-                batch["tokens"],
-                batch["token_mask"],
-                temperature=rl.temperature,
-                pad_token_id=self.tokenizer.pad_id,
-            )
-            output = policy_loss(
-                logprobs,
-                batch["logprobs"],
-                advantages,
-                batch["loss_mask"],
-                batch["group_ids"],
-                self.settings,
-            )
             self.optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
+            output = self._backward(batch, advantages)
+            if self.world_size > 1:
+                metrics.update(self._all_reduce(output))
+            else:
+                metrics.update(output.metrics)
             if self.config.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(
                     self.model.parameters(), self.config.optim.grad_clip
@@ -262,7 +261,6 @@ class RLLearner:
             for hook in self.before_optimizer_hooks:
                 hook(self.version + 1)
             self.optimizer.step()
-            metrics.update(output.metrics)
             metrics["zero_variance_fraction"] = float(
                 zero_variance_groups(batch["rewards"], batch["group_ids"]).float().mean()
             )
@@ -273,3 +271,88 @@ class RLLearner:
         for hook in self.after_step_hooks:
             hook(self.version)
         return metrics
+
+    def _backward(self, batch: dict[str, Any], advantages: torch.Tensor):
+        """Loss and gradients of this rank's share of the batch (None: an empty share).
+
+        Data parallel: every rank holds the whole batch (advantages need its statistics) and
+        takes the groups ``rank, rank + world_size, ...``; its loss is divided by the whole
+        batch's token / sample / group count, so the shares' gradients sum to the gradient of
+        the whole batch (`_all_reduce` sums them)."""
+        denominator = None
+        rows = slice(None)
+        if self.world_size > 1:
+            mode = self.settings.resolved_aggregation
+            group_ids = batch["group_ids"]
+            if mode == "token":
+                denominator = float(batch["loss_mask"].sum())
+            elif mode == "sample":
+                denominator = float(group_ids.numel())
+            else:
+                denominator = float(torch.unique(group_ids).numel())
+            rows = torch.nonzero(group_ids % self.world_size == self.rank).flatten()
+            if rows.numel() == 0:
+                return None
+        selected = rows.tolist() if isinstance(rows, torch.Tensor) else range(len(batch["prompts"]))
+        logprobs = sequence_logprobs(
+            self.model,
+            [batch["prompts"][i] for i in selected],
+            batch["tokens"][rows],
+            batch["token_mask"][rows],
+            temperature=self.config.rl.temperature,
+            pad_token_id=self.tokenizer.pad_id,
+        )
+        output = policy_loss(
+            logprobs,
+            batch["logprobs"][rows],
+            advantages[rows],
+            batch["loss_mask"][rows],
+            batch["group_ids"][rows],
+            self.settings,
+            denominator,
+        )
+        output.loss.backward()
+        return output
+
+    def _all_reduce(self, output) -> dict[str, float]:
+        """Sum the ranks' gradients (one flat buffer per dtype) and their loss statistics."""
+        import torch.distributed as dist
+
+        parameters = list(self.model.parameters())
+        for parameter in parameters:
+            if parameter.grad is None:  # an empty share, or a parameter outside the graph
+                parameter.grad = torch.zeros_like(parameter)
+        for dtype in sorted({p.dtype for p in parameters}, key=str):
+            same = [p for p in parameters if p.dtype == dtype]
+            flat = torch.cat([p.grad.reshape(-1) for p in same])
+            dist.all_reduce(flat)
+            offset = 0
+            for parameter in same:
+                size = parameter.numel()
+                parameter.grad.copy_(flat[offset : offset + size].view_as(parameter))
+                offset += size
+        local = output.metrics if output is not None else {}
+        tokens = local.get("num_tokens", 0.0)
+        sums = torch.tensor(
+            [
+                local.get("loss", 0.0),
+                local.get("clip_fraction", 0.0) * tokens,
+                local.get("ratio_mean", 0.0) * tokens,
+                local.get("kl_generator_learner", 0.0) * tokens,
+                tokens,
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(sums)
+        peak = torch.tensor([local.get("ratio_max", 0.0)], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        total = max(float(sums[4]), 1.0)
+        return {
+            "loss": float(sums[0]),
+            "clip_fraction": float(sums[1]) / total,
+            "ratio_mean": float(sums[2]) / total,
+            "kl_generator_learner": float(sums[3]) / total,
+            "num_tokens": float(sums[4]),
+            "ratio_max": float(peak[0]),
+            "learner_ranks": float(self.world_size),
+        }

@@ -109,17 +109,31 @@ def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torc
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, mode: str
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    mode: str,
+    denominator: float | None = None,
 ) -> torch.Tensor:
-    """Reduce per-token terms [N, T] under ``mask`` to one scalar (see the module docstring)."""
+    """Reduce per-token terms [N, T] under ``mask`` to one scalar (see the module docstring).
+
+    ``denominator``: the batch's count of tokens (``token``), samples (``sample``) or prompt
+    groups (``prompt``) when these rows are one rank's share of a data-parallel batch. The
+    result is then this share's contribution, and the shares' contributions sum to the value of
+    the whole batch (whole groups per rank: a prompt's mean needs all of its samples).
+    """
     if mode not in AGGREGATIONS:
         raise ValueError(f"rl.aggregation is {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
     mask = mask.to(per_token.dtype)
     masked = per_token * mask
     if mode == "token":
+        if denominator is not None:
+            return masked.sum() / max(float(denominator), 1.0)
         return masked.sum() / mask.sum().clamp_min(1.0)
     if mode == "sample":
         per_sample = masked.sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        if denominator is not None:
+            return per_sample.sum() / max(float(denominator), 1.0)
         return per_sample.mean()
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1
@@ -129,7 +143,10 @@ def aggregate(
     group_tokens = torch.zeros(num_groups, dtype=per_token.dtype).index_add(
         0, inverse, mask.sum(dim=1)
     )
-    return (group_sums / group_tokens.clamp_min(1.0)).mean()
+    group_means = group_sums / group_tokens.clamp_min(1.0)
+    if denominator is not None:
+        return group_means.sum() / max(float(denominator), 1.0)
+    return group_means.mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +166,7 @@ def policy_loss(
     mask: torch.Tensor,
     group_ids: torch.Tensor,
     settings: LossSettings,
+    denominator: float | None = None,
 ) -> LossOutput:
     """The loss to minimise for one batch.
 
@@ -156,6 +174,7 @@ def policy_loss(
     generator_logprobs: [N, T] log-probabilities under the weights that generated them.
     advantages: [N] per-sample advantages. mask: [N, T] tokens that count (generated ones).
     group_ids: [N] prompt index of each sample (for prompt-level aggregation).
+    denominator: see `aggregate` (one rank's share of a data-parallel batch).
     """
     if logprobs.shape != generator_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(
@@ -182,7 +201,7 @@ def policy_loss(
         # A token is clipped (no gradient) where the clipped branch is the active minimum.
         capped = clipped < unclipped
 
-    loss = aggregate(per_token, mask, group_ids, settings.resolved_aggregation)
+    loss = aggregate(per_token, mask, group_ids, settings.resolved_aggregation, denominator)
     num_tokens = mask.sum().clamp_min(1)
     with torch.no_grad():
         metrics = {
