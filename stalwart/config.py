@@ -345,12 +345,6 @@ class RLConfig(Section):
     eval_every: int = Field(10, ge=1, description="learner steps between held-out checkpoints")
     eval_prompts: int = Field(200, ge=1)
     eval_num_samples: int = Field(4, ge=1)
-    learner_node_resource: str | None = Field(
-        None,
-        description="a custom Ray resource that marks the nodes the learner may run on (its "
-        "standby and snapshot manager share its node); after a node loss the learner restarts "
-        "on another node offering it. None: any node",
-    )
 
     @model_validator(mode="before")
     @classmethod

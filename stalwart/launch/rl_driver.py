@@ -1,26 +1,24 @@
 """`stalwart rl run.yaml`: rollout actors and a learner on Ray, with bounded staleness.
 
 Roles
-- `LearnerActor` wraps `trainer.rl.learner.RLLearner` and a `snapshot.agent.SnapshotAgent`
-  hooked into it: after every ``snapshot.every_steps`` steps the learner's whole state is copied
-  into a `SnapshotManager` actor on the learner's node, off the hot path, exactly as a training
-  rank snapshots. Each step returns the metrics and the new weights (one flat buffer + JSON
-  layout, put once in Ray's object store).
+- The learner is a worker group like a training job's: ``parallel.world_size`` data-parallel
+  `launch.worker.TrainWorker` ranks (role ``rl_learner``, one `trainer.rl.learner.RLLearner`
+  each) on ``cluster.num_nodes`` nodes, with a `SnapshotManager` per node (erasure-coded across
+  nodes) and a `SnapshotAgent` in every rank, which copies the rank's whole state into its
+  manager after every ``snapshot.every_steps`` steps, off the hot path. A
+  `launch.controller.JobController` starts the group, watches it (`check`) and recovers it
+  (`recover`) exactly as it does a training job's ranks. The driver steps it: every rank gets
+  the whole batch (one put), trains on its share of the groups, the ranks all-reduce their
+  gradients, and rank 0 returns the new weights (one flat buffer + JSON layout, put once).
 - `RolloutActor` wraps `trainer.rl.rollout.RolloutWorker`. Every generation call carries the
   reference of the newest weights at dispatch time; the driver also *offers* each new version to
   actors with queued work (a separate concurrency group, so the offer lands while the actor
   generates). A call starts with the newest version it holds (in-flight weight updates at chunk
   boundaries) and fetches it zero-copy only when the version changed: one put, many gets. Weights
   never change inside a generation call, so every group has exactly one generating version.
-- With ``parallel.world_size`` above 1 the learner is instead a data-parallel group of
-  `launch.worker.TrainWorker` ranks (role ``rl_learner``) that a `launch.controller.JobController`
-  starts, watches (`check`) and recovers (`recover`) as it does a training job's ranks: one
-  snapshot manager per node, erasure-coded across nodes. Every rank gets the whole batch (one
-  put), trains on its share of the groups, and the ranks all-reduce their gradients; rank 0
-  returns the new weights.
-- The driver (`PipelineDriver`) owns every decision (`trainer.rl.pipeline`): what to generate
-  when (the staleness gate), the order in which groups are consumed (dispatch order), which
-  prompts are retired, and recovery.
+- The driver (`PipelineDriver`) owns every decision of the pipeline (`trainer.rl.pipeline`):
+  what to generate when (the staleness gate), the order in which groups are consumed (dispatch
+  order), which prompts are retired; the controller owns the learner group's recovery.
 
 Loop (PipelineRL-k): every rollout actor keeps up to ``rollout_queue_depth`` generation calls
 queued, so it never waits for a driver round trip, as long as the staleness gate allows; the
@@ -33,18 +31,15 @@ while the learner steps, and only stops when it would run more than k versions a
 Fault tolerance
 - A rollout actor that dies is replaced; its in-flight chunks are generated again, in their place
   in the dispatch order, with the newest weights.
-- A learner that dies (the step fails with a RayActorError) is replaced on the same node by a
-  hot spare (a standby learner process started ahead, model already built). The replacement
-  restores the newest committed version from the manager's memory
-  (`snapshot.restore.load_from_manager`), the batches that the dead learner had been handed
-  since that version (kept by the driver until a newer snapshot is published) are handed to it
-  again, and the rollout actors receive its weights with their versions as its steps complete.
-  Learner steps are deterministic, so the recovered run continues bit for bit.
-
-A multi-rank learner's failures (a killed rank, a dead manager, a lost node, a hang) are found
-and recovered by its controller: the newest version committed on every node, rebuilt from
-parity where a node was lost, or the durable tier beyond the parity. The driver then hands the
-new group the batches since the restored version, or rewinds the pipeline to the checkpoint.
+- A learner failure (a killed rank, a lost node, a hang; a rank's step failing because its peer
+  died) is classified and recovered by the controller: the survivors are stopped, the newest
+  version committed on every node is rebuilt where a node was lost (from parity, on a spare
+  node) and loaded by a new group (standby workers with ``cluster.standby_workers``), or, beyond
+  the parity, the newest durable checkpoint. The driver keeps the batches it handed out until a
+  newer snapshot is published and hands the new group those since the restored version; after
+  a durable fallback it rewinds the pipeline (prompt pool, dispatch sequence, rollout actors) to
+  the checkpoint. Learner steps are deterministic, so with k = 0 the run continues bit for bit.
+- A dead snapshot manager is restarted on its node by the controller while training goes on.
 
 Evaluation runs after the loop: the weights of every ``rl.eval_every``-th version are kept (by
 reference) and scored on held-out problems, so evaluation never steals time from the measured
@@ -59,7 +54,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -77,7 +71,6 @@ from stalwart.trainer.rl.analysis import (
     run_analyze,
     run_fit,
 )
-from stalwart.trainer.rl.learner import RLLearner
 from stalwart.trainer.rl.packing import Packed
 from stalwart.trainer.rl.pipeline import PromptPool, StalenessGate
 from stalwart.trainer.rl.rollout import RolloutWorker, test_problems, train_problems
@@ -88,13 +81,10 @@ ROLLOUT_QUEUE_DEPTH = 2
 # The next learner step is queued behind the running one when its batch is complete (k >= 1 only:
 # with k = 0 its data cannot exist before the running step publishes its weights).
 LEARNER_QUEUE_DEPTH = 2
-# How long a recovery waits for the manager to commit a version the dead learner had published.
+# How long the driver waits for the managers to commit a version (start and end of a run).
 COMMIT_WAIT_S = 10.0
-LEARNER_RANK = 0
-# What the learner (and its standby) ask of `rl.learner_node_resource`: a token, not a budget.
-LEARNER_RESOURCE_SHARE = 0.001
 STATE_DIRNAME = "rl_state"
-# How often the driver asks a multi-rank learner's controller for its health.
+# How often the driver asks the learner group's controller for its health.
 GROUP_POLL_S = 0.5
 # Fault injection (`faults.events`, by learner step) an RL run understands.
 RL_FAULTS = {
@@ -105,81 +95,6 @@ RL_FAULTS = {
 
 # ---------------------------------------------------------------------------------------------
 # Actors
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class LearnerActor:
-    def __init__(self, config_tree: dict):
-        self.config = config_from_dict(config_tree)
-        self.learner = RLLearner(self.config)
-        self.agent = None
-
-    def where(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "ip": ray.util.get_node_ip_address(),
-        }
-
-    def connect(
-        self, manager, restore_version: int | None, durable: tuple[str, int] | None = None
-    ) -> dict:
-        """Restore `restore_version` from the manager's memory, or the durable checkpoint
-        `durable` = (run_dir, step), if given; then snapshot into `manager` (if any)."""
-        from stalwart.snapshot.agent import SnapshotAgent
-        from stalwart.snapshot.restore import load_from_durable, load_from_manager
-
-        restore_s = 0.0
-        started = time.perf_counter()
-        if restore_version is not None:
-            load_from_manager(self.learner, manager, LEARNER_RANK, restore_version)
-            restore_s = time.perf_counter() - started
-        elif durable is not None:
-            load_from_durable(self.learner, durable[0], LEARNER_RANK, durable[1])
-            restore_s = time.perf_counter() - started
-        if manager is None:
-            return {"version": self.learner.version, "restore_s": restore_s}
-        self.agent = SnapshotAgent(
-            self.learner,
-            manager,
-            rank=LEARNER_RANK,
-            every_steps=self.config.snapshot.every_steps,
-        )
-        return {"version": self.learner.version, "restore_s": restore_s}
-
-    def warmup(self, num_steps: int) -> dict:
-        return self.learner.warmup(num_steps)
-
-    def flush_snapshots(self) -> int | None:
-        """Wait until every snapshot taken so far reached the manager; the newest version."""
-        self.agent.flush()
-        return self.agent.last_version
-
-    def set_manager(self, manager) -> int:
-        """Snapshot into a replacement manager (the node's manager died); see SnapshotAgent."""
-        return self.agent.set_manager(manager)
-
-    def snapshot(self) -> int:
-        """Snapshot the current version now and wait until the manager has it."""
-        self.agent.snapshot(self.learner.version)
-        self.agent.flush()
-        return self.learner.version
-
-    def weights(self) -> tuple:
-        return self.learner.weights().as_tuple()
-
-    @ray.method(num_returns=2)
-    def step(self, groups: list[dict]) -> tuple[dict, tuple]:
-        metrics = self.learner.step(groups)
-        if self.agent is not None:
-            last = self.agent.last_version
-            metrics["snapshot_published_version"] = -1 if last is None else last
-            metrics["snapshot_blocking_s"] = self.agent.last_blocking_s
-            metrics["snapshot_manager_lost"] = float(self.agent.manager_lost)
-        started = time.perf_counter()
-        weights = self.learner.weights().as_tuple()
-        metrics["weights_pack_s"] = time.perf_counter() - started
-        return metrics, weights
 
 
 @ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"offers": 1})
@@ -284,9 +199,13 @@ class PipelineDriver:
                 f"faults.events: {unsupported} cannot be injected into an RL run; it supports "
                 f"{', '.join(f'{k} ({v})' for k, v in RL_FAULTS.items())}"
             )
-        self.kill_learner_at = set(kill_learner_at_steps) | {
-            e.step for e in events if e.kind == "kill_worker"
-        }
+        self.kill_learner_at = set(kill_learner_at_steps)
+        if config.cluster.elastic:
+            raise ValueError(
+                "cluster.elastic: true is not supported by stalwart rl (the learner group does "
+                "not continue on fewer ranks); set it to false and register spare nodes with "
+                "cluster.num_spare_nodes"
+            )
         world_size, num_nodes = config.parallel.world_size, config.cluster.num_nodes
         for event in events:
             if event.rank >= world_size or (event.node is not None and event.node >= num_nodes):
@@ -295,11 +214,9 @@ class PipelineDriver:
                     f"node {event.node}; the learner has parallel.world_size {world_size} ranks "
                     f"on cluster.num_nodes {num_nodes} nodes"
                 )
-        self.kill_node_at = {e.step for e in events if e.kind == "kill_node"}
-        self.kill_manager_at = {e.step for e in events if e.kind == "kill_manager"}
-        # With the rank / node each names, for a multi-rank learner (`_group_faults`).
+        # Each with the rank / node it names (`_inject_faults`).
         self.fault_events = list(events)
-        if self.kill_node_at and (cluster is None or not cluster.embedded):
+        if any(e.kind == "kill_node" for e in events) and (cluster is None or not cluster.embedded):
             raise ValueError(
                 "faults.events: kill_node removes a node of an embedded cluster; run the job on "
                 "one (stalwart.launch.cluster.connect without an address) or drop the event"
@@ -330,16 +247,10 @@ class PipelineDriver:
         # Pipeline state (prompt pool, dispatch sequence) as of the first dispatch for a step,
         # for the steps the durable tier persists: what a restart from that checkpoint needs.
         self.dispatch_states: dict[int, dict] = {}
-        self.job_ids: list[str] = []  # one per manager generation (its memory regions' prefix)
-        self._new_job_id()
-        self.manager = None
-        self.learner = None
-        self.standby = None
-        self.learner_where: dict = {}
-        # parallel.world_size > 1: the learner is a data-parallel worker group that a
-        # JobController starts, watches and recovers (see `_setup_group`).
+        # The learner: a worker group that a JobController starts, watches and recovers.
         self.group = None
-        self.step_refs: dict[int, dict] = {}  # step -> {rank: metrics ref} (group only)
+        self.step_refs: dict[int, dict] = {}  # step -> {rank: metrics ref}
+        self.killed_pids: list[int] = []  # learner processes fault injection killed
         self._next_group_check = 0.0
         self.actors: list = []
         # Profile of where the time goes (seconds, summed over calls).
@@ -359,57 +270,6 @@ class PipelineDriver:
 
     # -- setup and teardown ------------------------------------------------------------------
 
-    def _new_job_id(self) -> None:
-        """A fresh prefix for the next manager's memory regions (the last one's may linger)."""
-        self.job_id = f"rl{uuid.uuid4().hex[:8]}"
-        self.job_ids.append(self.job_id)
-
-    def _start_learner(self, node_id: str | None = None):
-        options: dict[str, Any] = {"scheduling_strategy": _pin(node_id)} if node_id else {}
-        if self.rl.learner_node_resource:
-            options["resources"] = {self.rl.learner_node_resource: LEARNER_RESOURCE_SHARE}
-        return LearnerActor.options(**options).remote(self.tree)
-
-    def _start_manager(self, node_id: str):
-        from stalwart.snapshot.manager import RemoteSnapshotManager
-
-        snapshot = self.config.snapshot
-        return RemoteSnapshotManager.options(scheduling_strategy=_pin(node_id)).remote(
-            job_id=self.job_id,
-            position=0,
-            positions=[0],
-            ranks=[LEARNER_RANK],
-            group_size=snapshot.erasure.group_size,
-            parity=snapshot.erasure.parity,
-            run_dir=str(self.config.resolved_run_dir()),
-            persist_every=snapshot.persist_every,
-            keep=snapshot.keep,
-            num_threads=snapshot.manager_num_threads,
-            wait_timeout_s=self.config.cluster.hang_timeout_s,
-        )
-
-    def _committed_version(self, at_least: int) -> int | None:
-        """The manager's newest committed version, waiting briefly for `at_least` to commit."""
-        deadline = time.monotonic() + COMMIT_WAIT_S
-        while True:
-            committed = ray.get(self.manager.status.remote())["committed"]
-            if (committed is not None and committed >= at_least) or time.monotonic() > deadline:
-                return committed
-            time.sleep(0.02)
-
-    def _start_learner_group(self, wait_for_standby: bool = True) -> None:
-        """The learner, and with snapshots its node's manager and a hot standby learner."""
-        self.learner = self._start_learner()
-        self.learner_where = ray.get(self.learner.where.remote())
-        if self.config.snapshot.enabled:
-            node_id = self.learner_where["node_id"]
-            self.manager = self._start_manager(node_id)
-            # A hot spare on the learner's node (process up, model built): a recovery only
-            # loads the snapshot into it instead of waiting for a new process to start.
-            self.standby = self._start_learner(node_id)
-            if wait_for_standby:
-                ray.get(self.standby.where.remote())
-
     def _start_rollout_actors(self, wait: bool = True) -> None:
         self.actors = [
             RolloutActor.remote(self.tree, i) for i in range(self.rl.num_rollout_workers)
@@ -420,7 +280,7 @@ class PipelineDriver:
 
     def setup(self) -> None:
         self.start_sequence = 0
-        start = self._setup_group() if self.config.parallel.world_size > 1 else self._setup_one()
+        start = self._setup_group()
         self.start_version = start
         self.weights_ref = self._learner_weights()
         self.published_version = start
@@ -428,9 +288,7 @@ class PipelineDriver:
         self._start_rollout_actors()
 
     def _learner_weights(self):
-        if self.group is not None:
-            return self.group.workers[0].rl_weights.remote()
-        return self.learner.weights.remote()
+        return self.group.workers[0].rl_weights.remote()
 
     def _resume_state(self, start: int) -> None:
         state = self._read_dispatch_state(start)
@@ -440,8 +298,8 @@ class PipelineDriver:
         self.log(f"resumed from the durable checkpoint of step {start}")
 
     def _setup_group(self) -> int:
-        """A data-parallel learner of parallel.world_size ranks (cluster.num_nodes x
-        cluster.workers_per_node, one snapshot manager per node, erasure-coded across nodes),
+        """The learner: parallel.world_size data-parallel ranks (cluster.num_nodes x
+        cluster.workers_per_node; one snapshot manager per node, erasure-coded across nodes),
         started, watched and recovered by a `JobController` as a training job's ranks are."""
         from stalwart.launch.cluster import ClusterHandle
         from stalwart.launch.controller import JobController
@@ -490,74 +348,29 @@ class PipelineDriver:
 
     def _verified_checkpoint(self, candidates: list[int], context: str) -> int:
         """The first of `candidates` (newest first) whose every file verifies."""
-        from stalwart.snapshot.persist import load_checkpoint
+        from stalwart.snapshot.persist import CheckpointCorruptError, load_checkpoint
 
         errors = []
         for step in candidates:
             try:
                 load_checkpoint(self.run_dir, step)
                 return step
-            except (OSError, ValueError) as error:
+            except (CheckpointCorruptError, OSError, ValueError) as error:
                 errors.append(f"step {step}: {error}")
                 self.log(f"durable checkpoint of step {step} is unusable ({error}); trying older")
         raise RuntimeError(
             f"{context}: no durable checkpoint could be loaded: {'; '.join(errors) or 'none'}"
         )
 
-    def _setup_one(self) -> int:
-        self._start_learner_group()
-        start = 0
-        if self.resume_step is not None:
-            # The requested checkpoint, or an older one if it does not verify.
-            candidates = [s for s in self._durable_candidates() if s <= self.resume_step]
-            start, info = self._load_durable(candidates, f"resuming {self.run_dir}")
-            if info["version"] != start:
-                raise RuntimeError(
-                    f"the durable checkpoint of step {start} holds learner version "
-                    f"{info['version']}: the checkpoint directory is inconsistent"
-                )
-            self._resume_state(start)
-        else:
-            if self.rl.warmup_sft_steps:
-                self.record["warmup"] = ray.get(
-                    self.learner.warmup.remote(self.rl.warmup_sft_steps)
-                )
-                self.log(f"supervised warm-up: {self.record['warmup']}")
-            if self.manager is not None:
-                ray.get(self.learner.connect.remote(self.manager, None))
-        if self.manager is not None:
-            ray.get(self.learner.snapshot.remote())
-            if self._committed_version(at_least=start) is None:
-                raise RuntimeError(
-                    f"the snapshot manager did not commit the learner's version {start}"
-                )
-        return start
-
-    def _stop_learner_group(self) -> None:
-        """Stop the learner, its standby and its manager; release the manager's memory."""
-        from stalwart.snapshot.shm import remove_regions
-
-        for learner in (self.learner, self.standby):
-            if learner is not None:
-                ray.kill(learner, no_restart=True)
-        if self.manager is not None:
-            try:
-                ray.get(self.manager.shutdown.remote(), timeout=10)
-            except Exception:  # already gone: its regions are removed below
-                pass
-            ray.kill(self.manager, no_restart=True)
-        for job_id in self.job_ids:
-            remove_regions(f"stalwart-{job_id}-")
-        self.learner, self.standby, self.manager = None, None, None
-        if self.group is not None:
-            self.group.shutdown()
-            self.group = None
-
     def close(self) -> None:
+        """Stop the rollout actors and the learner group (workers, standbys, managers, and the
+        managers' shared memory)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
-        self._stop_learner_group()
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -572,7 +385,6 @@ class PipelineDriver:
         self.batches: dict[int, list[dict]] = {}  # kept until a newer snapshot is published
         self.published_snapshots: list[int] = [self.start_version]
         self.pending_recovery: tuple[dict, float] | None = None
-        self.replacing_manager = False
         self.rollout_recoveries: dict[Any, dict] = {}  # dead actor handle -> its recovery record
         self.kill_time: float | None = None
         self.num_sampled_tokens = 0
@@ -595,12 +407,11 @@ class PipelineDriver:
             if self.learner_queue:
                 waitable.append(self.learner_queue[0][1])
             waited = time.perf_counter()
-            # A multi-rank learner is also watched between results (a rank hung in a
-            # collective, a departed node): its controller looks every POLL_S.
-            timeout = GROUP_POLL_S if self.group is not None else None
-            done, _ = ray.wait(waitable, num_returns=1, timeout=timeout)
+            # The learner is also watched between results (a rank hung in a collective, a
+            # departed node, a dead manager): its controller looks every GROUP_POLL_S.
+            done, _ = ray.wait(waitable, num_returns=1, timeout=GROUP_POLL_S)
             self.profile["driver_wait_s"] += time.perf_counter() - waited
-            if self.group is not None and self._check_group():
+            if self._check_group():
                 continue  # recovered: the queue and the in-flight calls were rebuilt
             if not done:
                 continue
@@ -612,19 +423,14 @@ class PipelineDriver:
             # Nothing was drawn for a step past the last: the pool is as a longer run (resumed
             # with a larger trainer.max_steps) would find it.
             self._save_dispatch_state(self.num_steps)
-        if self.group is not None and self.config.snapshot.persist_every:
-            ray.get(list(self.group.submit("rl_flush").values()))
-            if not self._group_committed(self.published_version):
-                self.log(f"version {self.published_version} did not commit; not durable")
-            self.group.flush_durable()
-        if self.manager is not None and self.config.snapshot.persist_every:
-            # The last version reaches the manager, commits, and its checkpoint is on disk.
+        if self.config.snapshot.enabled and self.config.snapshot.persist_every:
+            # The last version reaches the managers, commits, and its checkpoint is on disk.
             try:
-                newest = ray.get(self.learner.flush_snapshots.remote())
-                if newest is not None:
-                    self._committed_version(at_least=newest)
-                ray.get(self.manager.flush_durable.remote())
-            except RayActorError as error:  # died after its last step: the run itself is done
+                ray.get(list(self.group.submit("rl_flush").values()))
+                if not self._group_committed(self.published_version):
+                    self.log(f"version {self.published_version} did not commit: not durable")
+                self.group.flush_durable()
+            except ray.exceptions.RayError as error:  # died after its last step: run is done
                 self.log(f"the final version was not made durable: {error}")
         return self._summary()
 
@@ -677,24 +483,6 @@ class PipelineDriver:
         if state.get("step") != step or not isinstance(state.get("next_sequence"), int):
             raise ValueError(f"{path} does not describe step {step}: the file is corrupt")
         return state
-
-    def _load_durable(self, candidates: list[int], context: str) -> tuple[int, dict]:
-        """Load the first of `candidates` (newest first) that verifies into the learner; a
-        corrupt or unreadable checkpoint is reported and the next older one is tried."""
-        errors = []
-        for step in candidates:
-            try:
-                info = ray.get(
-                    self.learner.connect.remote(self.manager, None, (str(self.run_dir), step))
-                )
-                return step, info
-            except ray.exceptions.RayTaskError as error:
-                cause = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-                errors.append(f"step {step}: {cause}")
-                self.log(f"durable checkpoint of step {step} is unusable ({cause}); trying older")
-        raise RuntimeError(
-            f"{context}: no durable checkpoint could be loaded: {'; '.join(errors) or 'none'}"
-        )
 
     def _durable_candidates(self) -> list[int]:
         """Durable checkpoints that carry their pipeline state, newest first."""
@@ -778,34 +566,18 @@ class PipelineDriver:
             metrics_ref, weights_ref = self._submit_step(step, ready)
             self.learner_queue.append((step, metrics_ref, weights_ref))
             self.next_step += 1
-            if self.group is not None:
-                self._group_faults(step)
-                continue
-            if step in self.kill_learner_at:
-                self.kill_learner_at.discard(step)
-                self._kill_learner(step)
-            if step in self.kill_node_at:
-                self.kill_node_at.discard(step)
-                self.log(f"fault injection: removing the learner's node during step {step}")
-                self.kill_time = time.perf_counter()
-                self.cluster.remove_node(self.learner_where["node_id"])
-            if step in self.kill_manager_at and self.manager is not None:
-                self.kill_manager_at.discard(step)
-                self.log(f"fault injection: killing the learner's snapshot manager at step {step}")
-                ray.kill(self.manager, no_restart=True)
+            self._inject_faults(step)
 
     def _submit_step(self, step: int, groups: list[dict]) -> tuple:
-        """The learner's step on `groups`: (metrics ref, weights ref). Every rank of a group
-        reads the same batch (one put); rank 0's results stand for the step."""
-        if self.group is None:
-            return self.learner.step.remote(groups)
+        """The learner's step on `groups`: (metrics ref, weights ref). Every rank reads the
+        same batch (one put); rank 0's results stand for the step."""
         refs = self.group.submit("rl_step", ray.put(groups), step)
         self.step_refs[step] = {rank: pair[0] for rank, pair in refs.items()}
         return refs[0][0], refs[0][1]
 
-    def _group_faults(self, step: int) -> None:
-        """Fault injection into a multi-rank learner while it runs `step`: every event of that
-        step, at the rank or node position it names (several may fire together)."""
+    def _inject_faults(self, step: int) -> None:
+        """Fault injection into the learner while it runs `step`: every event of that step, at
+        the rank or node position it names (several may fire together)."""
         group = self.group
         events = [e for e in self.fault_events if e.step == step]
         if step in self.kill_learner_at and not any(e.kind == "kill_worker" for e in events):
@@ -817,6 +589,7 @@ class PipelineDriver:
             if event.kind == "kill_worker":
                 worker = group.workers[event.rank]
                 pid = ray.get(worker.pid.remote())
+                self.killed_pids.append(pid)
                 self.log(
                     f"fault injection: SIGKILL learner rank {event.rank} (pid {pid}), step {step}"
                 )
@@ -871,19 +644,6 @@ class PipelineDriver:
         self.log(f"fault injection: killing rollout actor {victim} after step {min(due)}")
         ray.kill(self.actors[victim], no_restart=True)
 
-    def _kill_learner(self, step: int) -> None:
-        """SIGKILL the learner's process by pid while it runs `step` (fault injection)."""
-        pid, node_id = self.learner_where["pid"], self.learner_where["node_id"]
-        self.log(f"fault injection: SIGKILL learner pid {pid} during step {step}")
-        self.kill_time = time.perf_counter()
-        if self.learner_where["ip"] == ray.util.get_node_ip_address():
-            # Same host (several Ray nodes may share one): kill now, not after a task starts.
-            os.kill(pid, signal.SIGKILL)
-        else:
-            ray.get(_sigkill.options(scheduling_strategy=_pin(node_id)).remote(pid))
-
-    # -- results -----------------------------------------------------------------------------
-
     def _publish(self, weights_ref, version: int) -> None:
         """New weights: the next dispatches carry them; actors with queued calls get an offer."""
         self.weights_ref, self.published_version = weights_ref, version
@@ -895,27 +655,13 @@ class PipelineDriver:
         step, metrics_ref, weights_ref = self.learner_queue[0]
         try:
             metrics = ray.get(metrics_ref)
-        except RayActorError as error:
-            if self.group is not None:
-                self._check_group(error)
-            else:
-                self._recover_learner()
-            return
-        except ray.exceptions.RayTaskError as error:
-            if self.group is None:
-                raise
-            # Rank 0's collective failed because another rank died: a recovery; raised again
-            # if nothing died.
+        except (RayActorError, ray.exceptions.RayTaskError) as error:
+            # Rank 0 died, or its collective failed because another rank died: the controller
+            # classifies and recovers (and raises the error again if nothing died).
             self._check_group(error)
             return
         self.learner_queue.popleft()
         self.step_refs.pop(step, None)
-        if self.group is not None:
-            pass  # the controller restarts a dead manager of the group (below)
-        elif metrics.get("snapshot_manager_lost") and not self.replacing_manager:
-            self._replace_manager()
-        elif not metrics.get("snapshot_manager_lost"):
-            self.replacing_manager = False
         self._publish(weights_ref, int(metrics["version"]))
         elapsed_s = time.perf_counter() - self.start
         metrics.update(
@@ -949,25 +695,8 @@ class PipelineDriver:
         if self._out_of_time() and not self.stop:
             self.stop = True
             self.checkpoints[version] = weights_ref
-        if self.group is not None and metrics.get("snapshot_manager_lost"):
+        if metrics.get("snapshot_manager_lost"):
             self._check_group(force=True)  # a rank saw its manager die: replace it now
-
-    def _replace_manager(self) -> None:
-        """The learner's snapshot manager died alone: start a new one on the learner's node and
-        point the learner at it. Training never stops; the versions in between are not
-        snapshotted. The batches are kept until the new manager publishes a version."""
-        self.replacing_manager = True
-        node_id = self.learner_where["node_id"]
-        self.log("the learner's snapshot manager died; starting a new one on its node")
-        from stalwart.snapshot.shm import remove_regions
-
-        remove_regions(f"stalwart-{self.job_id}-")  # the dead manager's memory
-        self._new_job_id()
-        self.manager = self._start_manager(node_id)
-        self.learner.set_manager.remote(self.manager)  # applied before its next snapshot
-        self.record["recoveries"].append(
-            {"kind": "manager", "step": self.next_step, "node_id": node_id}
-        )
 
     def _forget_batches(self, published_snapshot: int) -> None:
         """Drop batches no recovery can need: older than the second-newest published snapshot
@@ -977,138 +706,6 @@ class PipelineDriver:
         floor = self.published_snapshots[0]
         for step in [s for s in self.batches if s < floor]:
             del self.batches[step]
-
-    def _recover_learner(self) -> None:
-        detected = time.perf_counter()
-        failed_step = self.learner_queue[0][0]
-        if self.manager is None:
-            raise RuntimeError(
-                f"the learner died during step {failed_step} and snapshot.enabled is false: "
-                "nothing to restore it from; enable snapshots to make the learner fault tolerant"
-            )
-        learner_recoveries = [r for r in self.record["recoveries"] if r["kind"] == "learner"]
-        if len(learner_recoveries) >= self.config.cluster.max_recoveries:
-            raise RuntimeError(
-                f"the learner died during step {failed_step} after {len(learner_recoveries)} "
-                "recoveries (cluster.max_recoveries); giving up"
-            )
-        detect_s = detected - self.kill_time if self.kill_time is not None else None
-        self.kill_time = None
-        try:
-            committed = self._committed_version(at_least=self.published_snapshots[-1])
-        except RayActorError:
-            self._restore_from_durable(
-                failed_step,
-                detected,
-                detect_s,
-                "its snapshot manager is gone too (the node was lost?), and a one-rank learner "
-                "has no erasure-coded peer to rebuild it from",
-            )
-            return
-        if committed is None or committed < self.published_snapshots[0]:
-            # The manager was replaced and has not committed a version the batches cover.
-            self._restore_from_durable(
-                failed_step, detected, detect_s, "its snapshot manager holds no usable version"
-            )
-            return
-        missing = [s for s in range(committed, self.next_step) if s not in self.batches]
-        if missing:
-            raise RuntimeError(
-                f"internal error: recovering version {committed} needs the batches of steps "
-                f"{missing}, which were already dropped"
-            )
-        self.log(
-            f"learner died during step {failed_step}: restoring version {committed} from the "
-            f"snapshot manager and handing it the batches of steps {committed}..{self.next_step - 1}"
-        )
-        started = time.perf_counter()
-        dead_pid, node_id = self.learner_where["pid"], self.learner_where["node_id"]
-        ray.kill(self.learner, no_restart=True)
-        used_standby = self.standby is not None
-        self.learner = self.standby if used_standby else self._start_learner(node_id)
-        self.learner_where = ray.get(self.learner.where.remote())
-        info = ray.get(self.learner.connect.remote(self.manager, committed))
-        restart_s = time.perf_counter() - started
-        self.standby = self._start_learner(node_id)  # the next spare starts in the background
-        self.learner_queue = deque()
-        if committed > failed_step:
-            # The dead learner finished (and snapshotted) steps whose results never arrived:
-            # their weights come from the restored state, their metrics are lost.
-            for step in range(failed_step, committed):
-                self.record["steps"].append(
-                    {"step": step, "version": float(step + 1), "metrics_lost": 1.0}
-                )
-            self._publish(self.learner.weights.remote(), committed)
-        for step in range(committed, self.next_step):
-            metrics_ref, weights_ref = self.learner.step.remote(self.batches[step])
-            if step >= failed_step:
-                self.learner_queue.append((step, metrics_ref, weights_ref))
-        recovery = {
-            "kind": "learner",
-            "step": failed_step,
-            "restored_version": committed,
-            "source": "memory",
-            "replayed_steps": self.next_step - committed,
-            "detect_s": detect_s,
-            "restart_s": restart_s,
-            "restore_s": info["restore_s"],
-            "dead_pid": dead_pid,
-            "new_pid": self.learner_where["pid"],
-            "standby": used_standby,
-        }
-        self.record["recoveries"].append(recovery)
-        self.pending_recovery = (recovery, detected)
-
-    def _restore_from_durable(
-        self, failed_step: int, detected: float, detect_s: float | None, why: str
-    ) -> None:
-        """Beyond memory's reach: restart the learner group (on any node offering the learner's
-        resource) from the newest durable checkpoint that carries its pipeline state, start
-        new rollout actors, and generate again from that step. The steps after the checkpoint
-        are lost and trained again; with ``rl.max_staleness: 0`` the rerun is bit-identical."""
-        candidates = self._durable_candidates()
-        if not candidates:
-            raise RuntimeError(
-                f"the learner died during step {failed_step}: {why}; and {self.run_dir} has no "
-                "durable checkpoint to fall back to (set snapshot.persist_every to write them); "
-                "rerun the job"
-            )
-        self.log(f"learner died during step {failed_step}: {why}; falling back to the durable tier")
-        started = time.perf_counter()
-        dead_pid = self.learner_where.get("pid")
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-        self._stop_learner_group()
-        self._new_job_id()
-        # Every new process starts at once; only the learner is waited for here.
-        self._start_rollout_actors(wait=False)
-        self._start_learner_group(wait_for_standby=False)
-        step, info = self._load_durable(candidates, f"the learner died during step {failed_step}")
-        if self.manager is not None:
-            ray.get(self.learner.snapshot.remote())
-        self._rewind_pipeline(step)
-        restart_s = time.perf_counter() - started
-        recovery = {
-            "kind": "learner",
-            "step": failed_step,
-            "restored_version": step,
-            "source": "durable",
-            "steps_lost": failed_step - step,
-            "why": why,
-            "detect_s": detect_s,
-            "restart_s": restart_s,
-            "restore_s": info["restore_s"],
-            "dead_pid": dead_pid,
-            "new_pid": self.learner_where["pid"],
-            "standby": False,
-        }
-        self.log(
-            f"restored the durable checkpoint of step {step}: {failed_step - step} learner "
-            f"step(s) lost and trained again ({why})"
-        )
-        self.record["recoveries"].append(recovery)
-        self.pending_recovery = (recovery, detected)
 
     def _rewind_pipeline(self, step: int) -> None:
         """The learner restarted from the durable checkpoint of `step`: the prompt pool and the
@@ -1147,6 +744,18 @@ class PipelineDriver:
         detect_s = detected - self.kill_time if self.kill_time is not None else None
         self.kill_time = None
         self.log(f"learner group failed during step {failed_step}: {failure.detail}")
+        if not self.config.snapshot.enabled:
+            raise RuntimeError(
+                f"the learner failed during step {failed_step} ({failure.detail}) and "
+                "snapshot.enabled is false: nothing to restore it from; enable snapshots to make "
+                "the learner fault tolerant"
+            )
+        learner_recoveries = [r for r in self.record["recoveries"] if r["kind"] == "learner"]
+        if len(learner_recoveries) >= self.config.cluster.max_recoveries:
+            raise RuntimeError(
+                f"the learner failed during step {failed_step} after {len(learner_recoveries)} "
+                "recoveries (cluster.max_recoveries); giving up"
+            )
         outcome = self.group.recover(failure)
         version, source = outcome.restored_version, outcome.source
         if version is None:
@@ -1169,6 +778,8 @@ class PipelineDriver:
             "restore_s": outcome.restore_s,
             "standby_ranks": outcome.standby_ranks,
             "detail": outcome.detail,
+            "killed_pids": list(self.killed_pids),
+            "new_pids": ray.get([w.pid.remote() for w in self.group.workers.values()]),
         }
         if source == "durable":
             for actor in self.actors:
@@ -1274,13 +885,10 @@ class PipelineDriver:
             final_version=self.published_version,
             profile=profile,
         )
-        if self.manager is not None:
-            status = ray.get(self.manager.status.remote())
-            record["snapshot_committed_version"] = status["committed"]
-        if self.group is not None:
-            record["snapshot_committed_version"] = self.group.committed_version()
-            record["learner_ranks"] = self.group.world_size
-            record["manager_restarts"] = self.group.manager_restarts
+        record["snapshot_committed_version"] = self.group.committed_version()
+        record["learner_ranks"] = self.group.world_size
+        record["manager_restarts"] = self.group.manager_restarts
+        record["job_id"] = self.group.job_id  # its managers' memory: stalwart-<job_id>-*
         final = Packed.from_tuple(ray.get(self.weights_ref))
         record["final_weights_xxh64"] = xxhash.xxh64_hexdigest(final.buffer)
         return record
@@ -1456,12 +1064,11 @@ def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
     address = address or config.cluster.address
     cluster = None
     num_nodes = config.cluster.num_nodes + config.cluster.num_spare_nodes
-    multi_rank = config.parallel.world_size > 1
-    if not address and (num_nodes > 1 or multi_rank) and not ray.is_initialized():
+    if not address and num_nodes > 1 and not ray.is_initialized():
         # Simulated nodes, as `stalwart train` has them: a lost learner node can be injected
-        # (faults kill_node) and the learner restarts on another one (or, for a multi-rank
-        # learner, its position is rebuilt from parity on a spare node).
-        from stalwart.launch.cluster import NODE_RESOURCE, connect
+        # (faults kill_node); its position is rebuilt from parity, or restarted from the
+        # durable tier, on a spare node.
+        from stalwart.launch.cluster import connect
         from stalwart.launch.job import cpus_per_node
 
         cluster = connect(
@@ -1470,8 +1077,6 @@ def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
             num_spare_nodes=config.cluster.num_spare_nodes,
             cpus_per_node=cpus_per_node(config),
         )
-        if config.rl.learner_node_resource is None and not multi_rank:
-            config.rl.learner_node_resource = NODE_RESOURCE  # a worker node, not the head
         started = False
     else:
         started = _start_ray(address, config.rl.num_rollout_workers + 1)

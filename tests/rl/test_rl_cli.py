@@ -89,15 +89,15 @@ def test_rl_command_runs_a_tiny_config(tmp_path, capsys):
 
 @pytest.mark.timeout(300)
 def test_rl_command_on_simulated_nodes_survives_the_learner_node(tmp_path, capsys):
-    """`cluster.num_nodes` > 1 gives `stalwart rl` an embedded multi-node cluster: the learner
-    runs on a worker node, and removing that node falls back to the durable tier."""
+    """A spare node gives `stalwart rl` an embedded multi-node cluster: removing the learner's
+    node moves it to the spare, from the durable tier (one node: no parity)."""
     config = {
         "name": "nodes",
         "run_dir": str(tmp_path / "run"),
         "model": {"depth": 1, "context_length": 32},
         "data": {"max_operand": 9, "num_operands": 2, "ops": "+", "num_examples": 90},
         "trainer": {"max_steps": 5},
-        "cluster": {"num_nodes": 2},
+        "cluster": {"num_nodes": 1, "num_spare_nodes": 1},
         "snapshot": {"persist_every": 2},
         "faults": {"events": [{"kind": "kill_node", "step": 3}]},
         "rl": {
@@ -112,7 +112,7 @@ def test_rl_command_on_simulated_nodes_survives_the_learner_node(tmp_path, capsy
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert run_rl(parse(add_rl_arguments, [str(path)])) == 0
-    assert "falling back to the durable tier" in capsys.readouterr().out
+    assert "falling back to the durable checkpoint" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "rl_summary.json").read_text())
     # (a rollout actor that lived on the removed node may be replaced too)
     (recovery,) = [r for r in summary["recoveries"] if r["kind"] == "learner"]

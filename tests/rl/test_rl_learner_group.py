@@ -98,12 +98,16 @@ def test_stopped_group_run_resumes_from_its_durable_checkpoint(cluster, clean, t
     assert record["final_weights_xxh64"] == clean["final_weights_xxh64"]
 
 
-def test_bad_fault_rank_fails_before_the_run(cluster, tmp_path):
+def test_bad_fault_rank_or_elastic_fails_before_the_run(cluster, tmp_path):
     from stalwart.launch.rl_driver import run_pipeline
 
     faults = [{"kind": "kill_worker", "step": 2, "rank": 2}]
     with pytest.raises(ValueError, match="names rank 2.*parallel.world_size 2"):
         run_pipeline(group_config(tmp_path, faults), evaluate=False, log=print, cluster=cluster)
+    config = group_config(tmp_path)
+    config.cluster.elastic = True
+    with pytest.raises(ValueError, match="cluster.elastic: true is not supported"):
+        run_pipeline(config, evaluate=False, log=print, cluster=cluster)
 
 
 def test_both_nodes_lost_fall_back_to_the_durable_tier(cluster, clean, tmp_path):

@@ -147,16 +147,19 @@ def test_sigkilled_learner_recovers_from_manager_memory_bit_identically(ray_inst
     from stalwart.snapshot import shm
 
     config = tiny_config(max_staleness=0)
+    config.cluster.standby_workers = True  # a learner process waits, model built
     clean = run_pipeline(config, evaluate=False, log=quiet)
     faulty = run_pipeline(config, kill_learner_at_steps=(3,), evaluate=False, log=print)
     (recovery,) = faulty["recoveries"]
     print("learner recovery:", recovery)
     assert recovery["kind"] == "learner" and recovery["source"] == "memory"
-    assert recovery["standby"]  # the hot spare took over
-    # The process was SIGKILLed by pid and a new one took over.
-    assert recovery["new_pid"] != recovery["dead_pid"]
+    assert recovery["failure"] == "process" and recovery["ranks"] == [0]
+    assert recovery["standby_ranks"] == 1  # the standby took over
+    # The process was SIGKILLed by pid and another one took over.
+    (dead_pid,) = recovery["killed_pids"]
+    assert recovery["new_pids"] and dead_pid not in recovery["new_pids"]
     with pytest.raises(ProcessLookupError):
-        os.kill(recovery["dead_pid"], 0)
+        os.kill(dead_pid, 0)
     # Snapshots are taken every step: the manager held version 3 (or 2, if the kill beat the
     # publish of 3), and the driver handed the replacement the batches from there on.
     assert recovery["step"] == 3 and recovery["restored_version"] in (2, 3)
@@ -167,7 +170,7 @@ def test_sigkilled_learner_recovers_from_manager_memory_bit_identically(ray_inst
     assert [int(m["version"]) for m in faulty["steps"]] == [1, 2, 3, 4, 5, 6]
     assert faulty["snapshot_committed_version"] is not None
     assert faulty["final_weights_xxh64"] == clean["final_weights_xxh64"]
-    assert not shm.list_regions("stalwart-rl")  # the managers' memory was released
+    assert not shm.list_regions(f"stalwart-{faulty['job_id']}")  # managers' memory released
 
 
 def test_learner_without_snapshots_fails_clearly(ray_instance):
