@@ -148,6 +148,9 @@ class JobController:
         self.use_standbys = self._standbys_possible(config, role)
         self.last_standby_ranks = 0
         self._refill_after_step: int | None = None  # refill the standbys once past this step
+        # Which durable checkpoints a fallback may use, newest first (None: any complete one);
+        # the RL driver needs those that carry its pipeline state.
+        self.durable_candidates = None
 
     # -- placement -----------------------------------------------------------------------
 
@@ -840,9 +843,9 @@ class JobController:
                 for new_rank, old_rank in old_ranks.items()
             }
         else:
-            from stalwart.snapshot.persist import latest_step
+            from stalwart.snapshot.persist import newest_usable_step
 
-            version = latest_step(self.run_dir)
+            version = newest_usable_step(self.run_dir, log=self.log)
             source = "durable" if version is not None else "scratch"
             detail_source = f"durable step {version}" if version is not None else "step 0"
             self._restore_sources = {
@@ -928,9 +931,12 @@ class JobController:
             time.sleep(1.0)
 
     def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
-        from stalwart.snapshot.persist import latest_step
+        from stalwart.snapshot.persist import newest_usable_step
 
-        step = latest_step(self.run_dir)
+        # Every file is verified first: a corrupt or half-deleted checkpoint is reported and
+        # the next older one used, instead of failing the new workers' load.
+        candidates = self.durable_candidates() if self.durable_candidates else None
+        step = newest_usable_step(self.run_dir, candidates, log=self.log)
         self._call_all(self.managers, "reset", timeout_s=30.0)  # a dead one is replaced later
         if step is None:
             self.log(
@@ -984,6 +990,8 @@ def _kill(actor) -> None:
 
 def _gather(refs: dict, timeout_s: float) -> dict:
     """Each ref's result, waiting at most `timeout_s` for all; None for a failed or late one."""
+    if not refs:
+        return {}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     ready = set(ready)
     results = {}

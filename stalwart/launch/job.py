@@ -59,7 +59,7 @@ def resume_job(
     run_dir: Path, *, overrides: list[str] | None = None, address: str | None = None, log=print
 ) -> dict:
     """Start a stopped run again from its newest durable checkpoint, with its saved config."""
-    from stalwart.snapshot.persist import latest_step
+    from stalwart.snapshot.persist import list_checkpoints, newest_usable_step
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -67,10 +67,12 @@ def resume_job(
     if (run_dir / "rl_state").is_dir():
         raise ValueError(f"{run_dir} is an RL run: resume it with `stalwart rl resume {run_dir}`")
     config = load_config(config_path, overrides)
-    step = latest_step(run_dir)
-    if step is None:
+    if not list_checkpoints(run_dir):
         raise FileNotFoundError(
             f"{run_dir} has no durable checkpoint; set snapshot.persist_every to write one"
         )
+    step = newest_usable_step(run_dir, log=log)  # a corrupt newest one: the next older
+    if step is None:
+        raise FileNotFoundError(f"{run_dir}: no durable checkpoint verifies (see above)")
     log(f"resuming {run_dir} from the durable checkpoint of step {step}")
     return run_job(config, address=address, run_dir=run_dir, log=log, resume_step=step)

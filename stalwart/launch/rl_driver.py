@@ -311,6 +311,7 @@ class PipelineDriver:
             log=self.log,
             role="rl_learner",
         )
+        self.group.durable_candidates = self._durable_candidates
         start = 0
         if self.resume_step is not None:
             start = self._verified_checkpoint(
@@ -348,19 +349,14 @@ class PipelineDriver:
 
     def _verified_checkpoint(self, candidates: list[int], context: str) -> int:
         """The first of `candidates` (newest first) whose every file verifies."""
-        from stalwart.snapshot.persist import CheckpointCorruptError, load_checkpoint
+        from stalwart.snapshot.persist import newest_usable_step
 
-        errors = []
-        for step in candidates:
-            try:
-                load_checkpoint(self.run_dir, step)
-                return step
-            except (CheckpointCorruptError, OSError, ValueError) as error:
-                errors.append(f"step {step}: {error}")
-                self.log(f"durable checkpoint of step {step} is unusable ({error}); trying older")
-        raise RuntimeError(
-            f"{context}: no durable checkpoint could be loaded: {'; '.join(errors) or 'none'}"
-        )
+        step = newest_usable_step(self.run_dir, candidates, log=self.log)
+        if step is None:
+            raise RuntimeError(
+                f"{context}: no durable checkpoint could be loaded (tried {candidates or 'none'})"
+            )
+        return step
 
     def close(self) -> None:
         """Stop the rollout actors and the learner group (workers, standbys, managers, and the

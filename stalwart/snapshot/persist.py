@@ -469,8 +469,10 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _read_verified(
-    path: Path, expected_nbytes: int, expected_hash: str, chunk_nbytes: int
-) -> np.ndarray:
+    path: Path, expected_nbytes: int, expected_hash: str, chunk_nbytes: int, keep: bool = True
+) -> np.ndarray | None:
+    """The file's bytes once its size and xxh3-64 match (`keep=False`: only check, through one
+    chunk-sized buffer, and return None)."""
     try:
         actual_nbytes = path.stat().st_size
     except FileNotFoundError:
@@ -480,25 +482,27 @@ def _read_verified(
             f"{path}: size {actual_nbytes} bytes, manifest says {expected_nbytes} "
             f"({'truncated' if actual_nbytes < expected_nbytes else 'extended'})"
         )
-    data = np.empty(expected_nbytes, dtype=np.uint8)
+    data = np.empty(expected_nbytes if keep else min(chunk_nbytes, expected_nbytes), np.uint8)
     view = memoryview(data)
     hasher = xxhash.xxh3_64()
     with open(path, "rb", buffering=0) as handle:
         position = 0
         while position < expected_nbytes:
-            count = handle.readinto(view[position : position + chunk_nbytes])
+            size = min(chunk_nbytes, expected_nbytes - position)
+            window = view[position : position + size] if keep else view[:size]
+            count = handle.readinto(window)
             if not count:
                 raise CheckpointCorruptError(
                     f"{path}: ended at byte {position} of {expected_nbytes}"
                 )
-            hasher.update(view[position : position + count])
+            hasher.update(window[:count])
             position += count
     actual_hash = f"{hasher.intdigest():016x}"
     if actual_hash != expected_hash:
         raise CheckpointCorruptError(
             f"{path}: xxh3-64 {actual_hash} does not match the manifest's {expected_hash}"
         )
-    return data
+    return data if keep else None
 
 
 def _parse_shard_file(path: Path, data: np.ndarray, total_bytes: int) -> tuple[np.ndarray, dict]:
@@ -523,6 +527,62 @@ def _parse_shard_file(path: Path, data: np.ndarray, total_bytes: int) -> tuple[n
             f"manifest says {total_bytes}"
         )
     return body, layout
+
+
+def _shard_record(path: Path, name: str, record: dict) -> tuple[Path, int, str, int]:
+    """(file, nbytes, xxh3-64, total_bytes) of one manifest record, checked for shape."""
+    try:
+        file_path = path / record["file"]
+        expected_nbytes, expected_hash = int(record["nbytes"]), str(record["xxh3_64"])
+        total_bytes = int(record["total_bytes"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointCorruptError(
+            f"{path / MANIFEST_FILENAME}: malformed record for shard {name!r}"
+        ) from None
+    if file_path.parent != path:
+        raise CheckpointCorruptError(
+            f"{path / MANIFEST_FILENAME}: shard {name!r} points outside the checkpoint"
+        )
+    return file_path, expected_nbytes, expected_hash, total_bytes
+
+
+def verify_checkpoint(
+    root: str | Path, step: int, *, chunk_nbytes: int = DEFAULT_CHUNK_NBYTES
+) -> None:
+    """Check every file of checkpoint ``step`` against its manifest (sizes and xxh3-64),
+    streaming through one chunk-sized buffer; raises as :func:`load_checkpoint` does."""
+    path = checkpoint_dir(root, step)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    manifest = _read_manifest(path)
+    if manifest["step"] != step:
+        raise CheckpointCorruptError(
+            f"{path / MANIFEST_FILENAME}: says step {manifest['step']}, directory is step {step}"
+        )
+    for name, record in manifest["shards"].items():
+        file_path, nbytes, expected_hash, _ = _shard_record(path, name, record)
+        _read_verified(file_path, nbytes, expected_hash, chunk_nbytes, keep=False)
+
+
+def newest_usable_step(
+    root: str | Path, candidates: list[int] | None = None, log=None
+) -> int | None:
+    """The newest of ``candidates`` (default: every complete checkpoint, ``latest`` first) whose
+    files all verify; each one that does not is reported through ``log`` and skipped. None when
+    none verifies."""
+    if candidates is None:
+        candidates = sorted(list_checkpoints(root), reverse=True)
+        pointed = latest_step(root)
+        if pointed is not None:
+            candidates = [pointed] + [s for s in candidates if s != pointed]
+    for step in candidates:
+        try:
+            verify_checkpoint(root, step)
+            return step
+        except (CheckpointCorruptError, OSError) as error:
+            if log is not None:
+                log(f"durable checkpoint of step {step} is unusable ({error}); trying older")
+    return None
 
 
 def load_checkpoint(
@@ -560,18 +620,7 @@ def load_checkpoint(
             raise FileNotFoundError(
                 f"checkpoint {path} has no shard {name!r}; it has {sorted(manifest['shards'])}"
             )
-        try:
-            file_path = path / record["file"]
-            expected_nbytes, expected_hash = int(record["nbytes"]), str(record["xxh3_64"])
-            total_bytes = int(record["total_bytes"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointCorruptError(
-                f"{path / MANIFEST_FILENAME}: malformed record for shard {name!r}"
-            ) from None
-        if file_path.parent != path:
-            raise CheckpointCorruptError(
-                f"{path / MANIFEST_FILENAME}: shard {name!r} points outside the checkpoint"
-            )
+        file_path, expected_nbytes, expected_hash, total_bytes = _shard_record(path, name, record)
         data = _read_verified(file_path, expected_nbytes, expected_hash, chunk_nbytes)
         shards[name] = _parse_shard_file(file_path, data, total_bytes)
     return LoadedCheckpoint(step, path, manifest.get("run_meta", {}), shards)

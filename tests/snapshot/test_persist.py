@@ -231,6 +231,35 @@ def test_corrupt_or_truncated_shard_files_are_refused_with_the_file_named(tmp_pa
         load_checkpoint(tmp_path, 5)
 
 
+def test_verification_streams_every_file_and_the_newest_usable_step_skips_bad_ones(tmp_path):
+    rng = np.random.default_rng(7)
+    buffer, layout = random_shard(rng)
+    shards = {"rank00000": (buffer, layout), "rank00001": (buffer, layout)}
+    for step in (2, 4, 6):
+        write_checkpoint(tmp_path, step, shards, {}, keep=5)
+    for step in (2, 4, 6):  # a chunk smaller than a file: the streaming path
+        persist.verify_checkpoint(tmp_path, step, chunk_nbytes=64)
+    assert persist.newest_usable_step(tmp_path) == 6
+    newest = persist.checkpoint_dir(tmp_path, 6) / "rank00001.safetensors"
+    _flip_byte(newest, newest.stat().st_size - 5)
+    with pytest.raises(CheckpointCorruptError, match=r"rank00001\.safetensors: xxh3-64"):
+        persist.verify_checkpoint(tmp_path, 6, chunk_nbytes=64)
+    middle = persist.checkpoint_dir(tmp_path, 4) / "rank00000.safetensors"
+    middle.write_bytes(middle.read_bytes()[:-1])
+    reports = []
+    assert persist.newest_usable_step(tmp_path, log=reports.append) == 2
+    assert [r.split(" is unusable")[0] for r in reports] == [
+        "durable checkpoint of step 6",
+        "durable checkpoint of step 4",
+    ]
+    assert "truncated" in reports[1]
+    # Candidates restrict the choice (e.g. to the checkpoints that carry an RL pipeline state).
+    assert persist.newest_usable_step(tmp_path, [4, 2]) == 2
+    assert persist.newest_usable_step(tmp_path, [6, 4]) is None
+    (persist.checkpoint_dir(tmp_path, 2) / "manifest.json").write_text("[]")
+    assert persist.newest_usable_step(tmp_path) is None
+
+
 def test_listing_ignores_incomplete_checkpoints_and_latest_falls_back(tmp_path):
     rng = np.random.default_rng(4)
     buffer, layout = random_shard(rng)
