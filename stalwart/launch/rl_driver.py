@@ -752,7 +752,10 @@ class PipelineDriver:
                 f"the learner failed during step {failed_step} after {len(learner_recoveries)} "
                 "recoveries (cluster.max_recoveries); giving up"
             )
+        stale = [ref for refs in self.step_refs.values() for ref in refs.values()]
+        stale += [entry[2] for entry in self.learner_queue]
         outcome = self.group.recover(failure)
+        _consume_errors(stale)  # the old group's calls: their errors are expected, not news
         version, source = outcome.restored_version, outcome.source
         if version is None:
             raise RuntimeError(
@@ -888,6 +891,16 @@ class PipelineDriver:
         final = Packed.from_tuple(ray.get(self.weights_ref))
         record["final_weights_xxh64"] = xxhash.xxh64_hexdigest(final.buffer)
         return record
+
+
+def _consume_errors(refs: list) -> None:
+    """Fetch finished calls of a group that is gone, so Ray does not print their errors as
+    unhandled when the references are dropped."""
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # the expected RayActorError / RayTaskError, or still pending
+            pass
 
 
 def durable_resume_steps(run_dir: str | Path, known: set[int] = frozenset()) -> list[int]:
