@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import threading
@@ -1088,7 +1089,9 @@ def _run_and_report(config: RunConfig, address: str | None, **options) -> int:
         )
         started = False
     else:
-        started = _start_ray(address, config.rl.num_rollout_workers + 1)
+        # The learner's ranks ask for cluster.cpus_per_worker each (rollout actors for none).
+        learner_cpus = math.ceil(config.cluster.cpus_per_worker * config.parallel.world_size)
+        started = _start_ray(address, config.rl.num_rollout_workers + learner_cpus)
     try:
         record = run_pipeline(
             config,
