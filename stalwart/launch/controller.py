@@ -346,15 +346,11 @@ class JobController:
     def run(self) -> dict:
         max_steps = self.config.trainer.max_steps
         while True:
-            refs = {rank: worker.run.remote(max_steps) for rank, worker in self.workers.items()}
+            refs = self.submit("run", max_steps)
             failure = self._watch(refs)
             if failure is None:
                 break
-            if len(self.recoveries) >= self.config.cluster.max_recoveries:
-                raise JobFailed(
-                    f"gave up after {len(self.recoveries)} recoveries: {failure.detail}"
-                )
-            self._recover_through(failure)
+            self.recover(failure)
         self._drain_progress()
         self.flush_durable()
         return {
@@ -843,9 +839,7 @@ class JobController:
                 for new_rank, old_rank in old_ranks.items()
             }
         else:
-            from stalwart.snapshot.persist import newest_usable_step
-
-            version = newest_usable_step(self.run_dir, log=self.log)
+            version = self._newest_durable()
             source = "durable" if version is not None else "scratch"
             detail_source = f"durable step {version}" if version is not None else "step 0"
             self._restore_sources = {
@@ -930,13 +924,17 @@ class JobController:
                 )
             time.sleep(1.0)
 
-    def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
+    def _newest_durable(self) -> int | None:
+        """The newest durable checkpoint (of `durable_candidates`, if set) whose every file
+        verifies: a corrupt or half-deleted one is reported and the next older one used,
+        instead of failing the new workers' load."""
         from stalwart.snapshot.persist import newest_usable_step
 
-        # Every file is verified first: a corrupt or half-deleted checkpoint is reported and
-        # the next older one used, instead of failing the new workers' load.
         candidates = self.durable_candidates() if self.durable_candidates else None
-        step = newest_usable_step(self.run_dir, candidates, log=self.log)
+        return newest_usable_step(self.run_dir, candidates, log=self.log)
+
+    def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
+        step = self._newest_durable()
         self._call_all(self.managers, "reset", timeout_s=30.0)  # a dead one is replaced later
         if step is None:
             self.log(

@@ -57,7 +57,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -151,6 +151,14 @@ def _sigkill(pid: int) -> None:
 
 def _pin(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+
+class QueuedStep(NamedTuple):
+    """A learner step handed to the group: every rank's metrics call, rank 0's weights."""
+
+    step: int
+    metrics: dict[int, Any]  # rank -> ObjectRef
+    weights: Any  # ObjectRef
 
 
 class _Interval:
@@ -250,7 +258,6 @@ class PipelineDriver:
         self.dispatch_states: dict[int, dict] = {}
         # The learner: a worker group that a JobController starts, watches and recovers.
         self.group = None
-        self.step_refs: dict[int, dict] = {}  # step -> {rank: metrics ref}
         self.killed_pids: list[int] = []  # learner processes fault injection killed
         self._next_group_check = 0.0
         self.actors: list = []
@@ -378,7 +385,7 @@ class PipelineDriver:
         self.next_sequence = self.start_sequence
         self.pending_groups = 0  # dispatched and not yet handed to the learner
         self.next_step = self.start_version  # next learner step to hand a batch to
-        self.learner_queue: deque = deque()  # (step, metrics ref, weights ref), oldest first
+        self.learner_queue: deque[QueuedStep] = deque()  # oldest first
         self.batches: dict[int, list[dict]] = {}  # kept until a newer snapshot is published
         self.published_snapshots: list[int] = [self.start_version]
         self.pending_recovery: tuple[dict, float] | None = None
@@ -402,7 +409,7 @@ class PipelineDriver:
                 break  # nothing runs and nothing may start: done
             waitable = list(self.inflight)
             if self.learner_queue:
-                waitable.append(self.learner_queue[0][1])
+                waitable.append(self.learner_queue[0].metrics[0])
             waited = time.perf_counter()
             # The learner is also watched between results (a rank hung in a collective, a
             # departed node, a dead manager): its controller looks every GROUP_POLL_S.
@@ -412,7 +419,7 @@ class PipelineDriver:
                 continue  # recovered: the queue and the in-flight calls were rebuilt
             if not done:
                 continue
-            if self.learner_queue and done[0] == self.learner_queue[0][1]:
+            if self.learner_queue and done[0] == self.learner_queue[0].metrics[0]:
                 self._on_learner_result()
             else:
                 self._on_rollout_result(done[0])
@@ -560,17 +567,15 @@ class PipelineDriver:
                 self.record["staleness"].append((step, group["version"]))
                 self.record["consumed_problem_ids"].append(group["problem_id"])
             self.batches[step] = ready
-            metrics_ref, weights_ref = self._submit_step(step, ready)
-            self.learner_queue.append((step, metrics_ref, weights_ref))
+            self.learner_queue.append(self._submit_step(step, ready))
             self.next_step += 1
             self._inject_faults(step)
 
-    def _submit_step(self, step: int, groups: list[dict]) -> tuple:
-        """The learner's step on `groups`: (metrics ref, weights ref). Every rank reads the
-        same batch (one put); rank 0's results stand for the step."""
+    def _submit_step(self, step: int, groups: list[dict]) -> QueuedStep:
+        """The learner's step on `groups`. Every rank reads the same batch (one put); rank 0's
+        results stand for the step, every rank's call is watched."""
         refs = self.group.submit("rl_step", ray.put(groups), step)
-        self.step_refs[step] = {rank: pair[0] for rank, pair in refs.items()}
-        return refs[0][0], refs[0][1]
+        return QueuedStep(step, {rank: pair[0] for rank, pair in refs.items()}, refs[0][1])
 
     def _inject_faults(self, step: int) -> None:
         """Fault injection into the learner while it runs `step`: every event of that step, at
@@ -612,8 +617,7 @@ class PipelineDriver:
         if error is None and not force and now < self._next_group_check:
             return False
         self._next_group_check = now + GROUP_POLL_S
-        oldest = self.learner_queue[0][0] if self.learner_queue else None
-        pending = dict(self.step_refs.get(oldest, {}))
+        pending = dict(self.learner_queue[0].metrics) if self.learner_queue else {}
         done = []
         if pending:
             done, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=0)
@@ -649,16 +653,15 @@ class PipelineDriver:
                 actor.offer_weights.remote([weights_ref], version)
 
     def _on_learner_result(self) -> None:
-        step, metrics_ref, weights_ref = self.learner_queue[0]
+        step, metrics_refs, weights_ref = self.learner_queue[0]
         try:
-            metrics = ray.get(metrics_ref)
+            metrics = ray.get(metrics_refs[0])
         except (RayActorError, ray.exceptions.RayTaskError) as error:
             # Rank 0 died, or its collective failed because another rank died: the controller
             # classifies and recovers (and raises the error again if nothing died).
             self._check_group(error)
             return
         self.learner_queue.popleft()
-        self.step_refs.pop(step, None)
         self._publish(weights_ref, int(metrics["version"]))
         elapsed_s = time.perf_counter() - self.start
         metrics.update(
@@ -717,7 +720,6 @@ class PipelineDriver:
         self.next_sequence = state["next_sequence"]
         self.next_step = step
         self.learner_queue = deque()
-        self.step_refs = {}
         self.batches = {}
         self.published_snapshots = [step]
         self.weights_ref = self._learner_weights()
@@ -737,7 +739,7 @@ class PipelineDriver:
         tier); the driver then hands the new group the batches since the restored version, or
         rewinds the pipeline to the durable checkpoint."""
         detected = time.perf_counter()
-        failed_step = self.learner_queue[0][0] if self.learner_queue else self.next_step
+        failed_step = self.learner_queue[0].step if self.learner_queue else self.next_step
         detect_s = detected - self.kill_time if self.kill_time is not None else None
         self.kill_time = None
         self.log(f"learner group failed during step {failed_step}: {failure.detail}")
@@ -747,14 +749,7 @@ class PipelineDriver:
                 "snapshot.enabled is false: nothing to restore it from; enable snapshots to make "
                 "the learner fault tolerant"
             )
-        learner_recoveries = [r for r in self.record["recoveries"] if r["kind"] == "learner"]
-        if len(learner_recoveries) >= self.config.cluster.max_recoveries:
-            raise RuntimeError(
-                f"the learner failed during step {failed_step} after {len(learner_recoveries)} "
-                "recoveries (cluster.max_recoveries); giving up"
-            )
-        stale = [ref for refs in self.step_refs.values() for ref in refs.values()]
-        stale += [entry[2] for entry in self.learner_queue]
+        stale = [ref for q in self.learner_queue for ref in (*q.metrics.values(), q.weights)]
         outcome = self.group.recover(failure)
         _consume_errors(stale)  # the old group's calls: their errors are expected, not news
         version, source = outcome.restored_version, outcome.source
@@ -785,8 +780,7 @@ class PipelineDriver:
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
             self._start_rollout_actors(wait=False)
-            if self.config.snapshot.enabled:
-                ray.get(list(self.group.submit("rl_snapshot").values()))
+            ray.get(list(self.group.submit("rl_snapshot").values()))
             self._rewind_pipeline(version)
             recovery["steps_lost"] = failed_step - version
             self.log(
@@ -801,7 +795,6 @@ class PipelineDriver:
                     f"{missing}, which were already dropped"
                 )
             self.learner_queue = deque()
-            self.step_refs = {}
             if version > failed_step:
                 for step in range(failed_step, version):
                     self.record["steps"].append(
@@ -809,11 +802,9 @@ class PipelineDriver:
                     )
                 self._publish(self._learner_weights(), version)
             for step in range(version, self.next_step):
-                metrics_ref, weights_ref = self._submit_step(step, self.batches[step])
-                if step >= failed_step:
-                    self.learner_queue.append((step, metrics_ref, weights_ref))
-                else:
-                    self.step_refs.pop(step, None)
+                queued = self._submit_step(step, self.batches[step])
+                if step >= failed_step:  # earlier ones only rebuild the state
+                    self.learner_queue.append(queued)
             recovery["replayed_steps"] = self.next_step - version
         self.record["recoveries"].append(recovery)
         self.pending_recovery = (recovery, detected)

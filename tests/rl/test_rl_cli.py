@@ -59,27 +59,38 @@ def test_analyze_prints_pass_at_k_and_support(tmp_path, capsys):
     assert (support["preserved"], support["expanded"], support["shrunk"]) == (2, 1, 1)
 
 
-@pytest.mark.timeout(300)
-def test_rl_command_runs_a_tiny_config(tmp_path, capsys):
+def write_run(tmp_path, **sections) -> str:
+    """A tiny RL run YAML (1-layer GPT, two-operand sums) with `sections` merged in."""
     config = {
         "name": "tiny",
         "run_dir": str(tmp_path / "run"),
         "model": {"depth": 1, "context_length": 32},
         "data": {"max_operand": 9, "num_operands": 2, "ops": "+", "num_examples": 90},
-        "trainer": {"max_steps": 3},
         "rl": {
-            "recipe": "scalerl",
             "max_new_tokens": 4,
             "prompts_per_step": 2,
             "num_samples": 2,
             "rollout_chunk_prompts": 1,
             "eval_prompts": 4,
-            "eval_every": 3,
         },
     }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    args = parse(add_rl_arguments, [str(path), "rl.max_staleness=1"])
+    return str(path)
+
+
+@pytest.mark.timeout(300)
+def test_rl_command_runs_a_tiny_config(tmp_path, capsys):
+    # The learner asks for 3 CPUs: the embedded Ray must offer them (or the rank never starts).
+    path = write_run(
+        tmp_path,
+        trainer={"max_steps": 3},
+        cluster={"cpus_per_worker": 3},
+        rl={"recipe": "scalerl", "eval_every": 3},
+    )
+    args = parse(add_rl_arguments, [path, "rl.max_staleness=1"])
     assert run_rl(args) == 0
     assert "held-out pass@1" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "rl_summary.json").read_text())
@@ -91,27 +102,15 @@ def test_rl_command_runs_a_tiny_config(tmp_path, capsys):
 def test_rl_command_on_simulated_nodes_survives_the_learner_node(tmp_path, capsys):
     """A spare node gives `stalwart rl` an embedded multi-node cluster: removing the learner's
     node moves it to the spare, from the durable tier (one node: no parity)."""
-    config = {
-        "name": "nodes",
-        "run_dir": str(tmp_path / "run"),
-        "model": {"depth": 1, "context_length": 32},
-        "data": {"max_operand": 9, "num_operands": 2, "ops": "+", "num_examples": 90},
-        "trainer": {"max_steps": 5},
-        "cluster": {"num_nodes": 1, "num_spare_nodes": 1},
-        "snapshot": {"persist_every": 2},
-        "faults": {"events": [{"kind": "kill_node", "step": 3}]},
-        "rl": {
-            "max_new_tokens": 4,
-            "prompts_per_step": 2,
-            "num_samples": 2,
-            "rollout_chunk_prompts": 1,
-            "eval_prompts": 4,
-            "eval_every": 5,
-        },
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert run_rl(parse(add_rl_arguments, [str(path)])) == 0
+    path = write_run(
+        tmp_path,
+        trainer={"max_steps": 5},
+        cluster={"num_nodes": 1, "num_spare_nodes": 1},
+        snapshot={"persist_every": 2},
+        faults={"events": [{"kind": "kill_node", "step": 3}]},
+        rl={"eval_every": 5},
+    )
+    assert run_rl(parse(add_rl_arguments, [path])) == 0
     assert "falling back to the durable checkpoint" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "rl_summary.json").read_text())
     # (a rollout actor that lived on the removed node may be replaced too)

@@ -11,11 +11,17 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from test_rl_learner_snapshot import _groups
 from test_rl_pipeline import tiny_config
 
 from stalwart.trainer.rl.learner import RLLearner
-from stalwart.trainer.rl.losses import AGGREGATIONS, LossSettings, aggregate, policy_loss
-from stalwart.trainer.rl.rollout import RolloutWorker, train_problems
+from stalwart.trainer.rl.losses import (
+    AGGREGATIONS,
+    LossSettings,
+    aggregate,
+    aggregation_denominator,
+    policy_loss,
+)
 
 
 def _batch(seed=0, num_groups=5, samples=3, width=6):
@@ -35,11 +41,7 @@ def _batch(seed=0, num_groups=5, samples=3, width=6):
 
 
 def _denominator(mode, batch):
-    if mode == "token":
-        return float(batch["mask"].sum())
-    if mode == "sample":
-        return float(batch["group_ids"].numel())
-    return float(torch.unique(batch["group_ids"]).numel())
+    return aggregation_denominator(batch["mask"], batch["group_ids"], mode)
 
 
 @pytest.mark.parametrize("mode", AGGREGATIONS)
@@ -101,18 +103,6 @@ def test_gradients_of_the_shares_sum_to_the_whole_batch_gradient(loss, mode):
 
 # ---------------------------------------------------------------------------------------------
 # Two real ranks (gloo, two processes) against one
-
-
-def _groups(config, learner, seed):
-    worker = RolloutWorker(config)
-    worker.load_weights(learner.weights())
-    problems = train_problems(config)[4 * seed : 4 * seed + 4]
-    tasks = [
-        {"problem_id": i, "prompt": p.prompt, "answer": p.answer} for i, p in enumerate(problems)
-    ]
-    groups = worker.rollout(tasks, seed=seed)
-    worker.close()
-    return groups
 
 
 RANK_SCRIPT = textwrap.dedent(

@@ -22,6 +22,18 @@ def group_config(run_dir, faults=()):
     return config_from_dict(tree)
 
 
+def run(cluster, config, **options):
+    from stalwart.launch.rl_driver import run_pipeline
+
+    return run_pipeline(config, evaluate=False, log=print, cluster=cluster, **options)
+
+
+def learner_recovery(record):
+    """The one learner recovery of a run (a rollout actor on a lost node is replaced too)."""
+    (recovery,) = [r for r in record["recoveries"] if r["kind"] == "learner"]
+    return recovery
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from stalwart.launch.cluster import connect
@@ -34,10 +46,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def clean(cluster, tmp_path_factory):
-    from stalwart.launch.rl_driver import run_pipeline
-
-    run_dir = tmp_path_factory.mktemp("clean")
-    return run_pipeline(group_config(run_dir), evaluate=False, log=print, cluster=cluster)
+    return run(cluster, group_config(tmp_path_factory.mktemp("clean")))
 
 
 def test_undisturbed_group_run(clean):
@@ -49,13 +58,11 @@ def test_undisturbed_group_run(clean):
 
 
 def test_killed_rank_is_recovered_by_the_controller_from_memory(cluster, clean, tmp_path):
-    from stalwart.launch.rl_driver import run_pipeline
-
     faults = [{"kind": "kill_worker", "step": 3, "rank": 1}]
     config = group_config(tmp_path, faults)
     config.cluster.standby_workers = True  # each node keeps a learner process built, waiting
-    record = run_pipeline(config, evaluate=False, log=print, cluster=cluster)
-    (recovery,) = [r for r in record["recoveries"] if r["kind"] == "learner"]
+    record = run(cluster, config)
+    recovery = learner_recovery(record)
     assert recovery["source"] == "memory"
     assert recovery["failure"] == "process"
     assert 1 in recovery["ranks"]
@@ -70,12 +77,8 @@ def test_killed_rank_is_recovered_by_the_controller_from_memory(cluster, clean, 
 
 
 def test_killed_manager_is_restarted_and_the_run_goes_on(cluster, clean, tmp_path):
-    from stalwart.launch.rl_driver import run_pipeline
-
     faults = [{"kind": "kill_manager", "step": 2, "node": 0}]
-    record = run_pipeline(
-        group_config(tmp_path, faults), evaluate=False, log=print, cluster=cluster
-    )
+    record = run(cluster, group_config(tmp_path, faults))
     assert [r["position"] for r in record["manager_restarts"]] == [0]
     assert record["recoveries"] == []
     assert record["final_weights_xxh64"] == clean["final_weights_xxh64"]
@@ -84,46 +87,36 @@ def test_killed_manager_is_restarted_and_the_run_goes_on(cluster, clean, tmp_pat
 
 
 def test_stopped_group_run_resumes_from_its_durable_checkpoint(cluster, clean, tmp_path):
-    from stalwart.launch.rl_driver import run_pipeline
-
     config = group_config(tmp_path)
     config.trainer.max_steps = 4
-    first = run_pipeline(config, evaluate=False, log=print, cluster=cluster)
+    first = run(cluster, config)
     assert first["num_learner_steps"] == 4
-    record = run_pipeline(
-        group_config(tmp_path), evaluate=False, log=print, cluster=cluster, resume_step=4
-    )
+    record = run(cluster, group_config(tmp_path), resume_step=4)
     assert record["resumed_from"] == 4
     assert record["num_learner_steps"] == STEPS - 4
     assert record["final_weights_xxh64"] == clean["final_weights_xxh64"]
 
 
 def test_bad_fault_rank_or_elastic_fails_before_the_run(cluster, tmp_path):
-    from stalwart.launch.rl_driver import run_pipeline
-
     faults = [{"kind": "kill_worker", "step": 2, "rank": 2}]
     with pytest.raises(ValueError, match="names rank 2.*parallel.world_size 2"):
-        run_pipeline(group_config(tmp_path, faults), evaluate=False, log=print, cluster=cluster)
+        run(cluster, group_config(tmp_path, faults))
     config = group_config(tmp_path)
     config.cluster.elastic = True
     with pytest.raises(ValueError, match="cluster.elastic: true is not supported"):
-        run_pipeline(config, evaluate=False, log=print, cluster=cluster)
+        run(cluster, config)
 
 
 def test_both_nodes_lost_fall_back_to_the_durable_tier(cluster, clean, tmp_path):
     """More losses than parity: the controller restarts the group on two spares from the
     newest durable checkpoint, the driver rewinds the pipeline to it, and the lost steps are
     trained again (bit for bit, with k = 0). Removes two nodes of the module's cluster."""
-    from stalwart.launch.rl_driver import run_pipeline
-
     faults = [
         {"kind": "kill_node", "step": 5, "node": 0},
         {"kind": "kill_node", "step": 5, "node": 1},
     ]
-    record = run_pipeline(
-        group_config(tmp_path, faults), evaluate=False, log=print, cluster=cluster
-    )
-    (recovery,) = [r for r in record["recoveries"] if r["kind"] == "learner"]
+    record = run(cluster, group_config(tmp_path, faults))
+    recovery = learner_recovery(record)
     assert recovery["failure"] == "node"
     assert recovery["source"] == "durable"
     assert recovery["restored_version"] == 4
@@ -134,14 +127,9 @@ def test_both_nodes_lost_fall_back_to_the_durable_tier(cluster, clean, tmp_path)
 
 def test_lost_node_is_rebuilt_from_parity_on_the_spare(cluster, clean, tmp_path):
     """Runs last: it removes a node of the module's cluster."""
-    from stalwart.launch.rl_driver import run_pipeline
-
     faults = [{"kind": "kill_node", "step": 4, "node": 1}]
-    record = run_pipeline(
-        group_config(tmp_path, faults), evaluate=False, log=print, cluster=cluster
-    )
-    # A rollout actor that ran on the lost node is replaced too (kind "rollout").
-    (recovery,) = [r for r in record["recoveries"] if r["kind"] == "learner"]
+    record = run(cluster, group_config(tmp_path, faults))
+    recovery = learner_recovery(record)
     assert recovery["failure"] == "node"
     assert recovery["source"] == "erasure"
     assert 2 <= recovery["restored_version"] <= 4

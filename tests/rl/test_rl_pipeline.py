@@ -182,6 +182,16 @@ def test_learner_without_snapshots_fails_clearly(ray_instance):
         run_pipeline(config, kill_learner_at_steps=(2,), evaluate=False, log=quiet)
 
 
+def test_learner_gives_up_after_max_recoveries(ray_instance):
+    from stalwart.launch.controller import JobFailed
+    from stalwart.launch.rl_driver import run_pipeline
+
+    config = tiny_config(max_staleness=0)
+    config.cluster.max_recoveries = 0
+    with pytest.raises(JobFailed, match="gave up after 0 recoveries"):
+        run_pipeline(config, kill_learner_at_steps=(2,), evaluate=False, log=quiet)
+
+
 def test_killed_rollout_actor_is_replaced_and_its_prompts_requeued(ray_instance):
     from stalwart.launch.rl_driver import run_pipeline
 

@@ -33,6 +33,7 @@ from stalwart.data.tokenizer import ByteTokenizer
 from stalwart.trainer.optim import WarmupCosine, build_optimizer
 from stalwart.trainer.rl.losses import (
     LossSettings,
+    aggregation_denominator,
     group_advantages,
     policy_loss,
     zero_variance_groups,
@@ -279,24 +280,18 @@ class RLLearner:
         takes the groups ``rank, rank + world_size, ...``; its loss is divided by the whole
         batch's token / sample / group count, so the shares' gradients sum to the gradient of
         the whole batch (`_all_reduce` sums them)."""
+        rows = torch.arange(len(batch["prompts"]))
         denominator = None
-        rows = slice(None)
         if self.world_size > 1:
-            mode = self.settings.resolved_aggregation
-            group_ids = batch["group_ids"]
-            if mode == "token":
-                denominator = float(batch["loss_mask"].sum())
-            elif mode == "sample":
-                denominator = float(group_ids.numel())
-            else:
-                denominator = float(torch.unique(group_ids).numel())
-            rows = torch.nonzero(group_ids % self.world_size == self.rank).flatten()
+            denominator = aggregation_denominator(
+                batch["loss_mask"], batch["group_ids"], self.settings.resolved_aggregation
+            )
+            rows = rows[batch["group_ids"] % self.world_size == self.rank]
             if rows.numel() == 0:
                 return None
-        selected = rows.tolist() if isinstance(rows, torch.Tensor) else range(len(batch["prompts"]))
         logprobs = sequence_logprobs(
             self.model,
-            [batch["prompts"][i] for i in selected],
+            [batch["prompts"][i] for i in rows.tolist()],
             batch["tokens"][rows],
             batch["token_mask"][rows],
             temperature=self.config.rl.temperature,

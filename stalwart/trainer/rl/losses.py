@@ -108,6 +108,18 @@ def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torc
 # Aggregation
 
 
+def aggregation_denominator(mask: torch.Tensor, group_ids: torch.Tensor, mode: str) -> float:
+    """What `aggregate` divides by in ``mode``: the batch's count of tokens (``token``),
+    samples (``sample``) or prompt groups (``prompt``)."""
+    if mode == "token":
+        return float(mask.sum())
+    if mode == "sample":
+        return float(group_ids.numel())
+    if mode == "prompt":
+        return float(torch.unique(group_ids).numel())
+    raise ValueError(f"rl.aggregation is {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -117,10 +129,10 @@ def aggregate(
 ) -> torch.Tensor:
     """Reduce per-token terms [N, T] under ``mask`` to one scalar (see the module docstring).
 
-    ``denominator``: the batch's count of tokens (``token``), samples (``sample``) or prompt
-    groups (``prompt``) when these rows are one rank's share of a data-parallel batch. The
-    result is then this share's contribution, and the shares' contributions sum to the value of
-    the whole batch (whole groups per rank: a prompt's mean needs all of its samples).
+    ``denominator``: the whole batch's `aggregation_denominator` when these rows are one rank's
+    share of a data-parallel batch. The result is then this share's contribution, and the
+    shares' contributions sum to the value of the whole batch (whole groups per rank: a
+    prompt's mean needs all of its samples).
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"rl.aggregation is {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
