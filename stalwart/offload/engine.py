@@ -165,6 +165,11 @@ class _Unit:
     g_buffer: object = None
     g_future: Future | None = None
     g_write: Future | None = None  # the last write of the gradient span, read after it only
+    # The optimizer step of a clipped or deferred step waits here, (slots, clip_coef, lr), until
+    # the unit's parameters are next needed (see `_start_update`).
+    pending_update: tuple | None = None
+    update_job: Future | None = None  # that update on the optimizer thread: (write_p, write_mv)
+    p_write: Future | None = None  # p_buffer's new parameters going to NVMe: release after it
     device_copies: list = field(default_factory=list)
 
     @property
@@ -607,6 +612,8 @@ class OffloadEngine:
     # residency
 
     def _start_read(self, unit: _Unit, *, blocking: bool) -> bool:
+        if unit.pending_update is not None:
+            return self._start_update(unit, blocking=blocking)
         if unit.p_buffer is not None:
             return True
         if blocking:
@@ -626,6 +633,8 @@ class OffloadEngine:
 
     def _make_resident(self, unit: _Unit) -> None:
         self._start_read(unit, blocking=True)
+        if unit.update_job is not None:
+            self._finish_update(unit)
         if unit.p_future is not None:
             start = time.perf_counter()
             unit.p_future.result()
@@ -643,11 +652,17 @@ class OffloadEngine:
         unit.attached = False
         for slot in unit.slots:
             slot.param.data = _placeholder(slot.compute_dtype, self.compute_device)
+        if unit.update_job is not None:
+            self._finish_update(unit)  # started ahead of a use that never came: still applied
         if unit.p_buffer is not None:
             if unit.p_future is not None:
                 unit.p_future.result()
                 unit.p_future = None
-            unit.p_buffer.release()
+            if unit.p_write is not None:
+                _release_after(unit.p_buffer, [unit.p_write])
+                unit.p_write = None
+            else:
+                unit.p_buffer.release()
             unit.p_buffer = None
 
     def _start_state_read(self, unit: _Unit) -> None:
@@ -662,6 +677,106 @@ class OffloadEngine:
                 unit.g_write.result()  # reads and writes run on different threads
             unit.g_buffer = self.pool.acquire(unit.state_bytes)
             unit.g_future = self.store.read_span(unit.grad_offset, unit.state_bytes, unit.g_buffer)
+
+    # ------------------------------------------------------------------------------------------
+    # the optimizer step of a clipped or deferred step, applied where the next forward needs it
+
+    def _queue_updates(self, clip_coef: torch.Tensor | None) -> None:
+        """This step's updates (from the committed state and the stored gradients, clipped by
+        `clip_coef` if given) wait until each unit's parameters are next needed.
+
+        The next forward then streams each unit's optimizer state in ahead of use (as it would
+        stream the parameters), the optimizer thread updates it while the forward of the unit
+        before runs, and the new working parameters go straight into the forward: the sweep's
+        I/O overlaps the next forward's compute, and the parameters are not read back. Anything
+        that reads or replaces the committed state first calls `settle()`."""
+        for unit in self.units:
+            if unit.updated_slots:
+                unit.pending_update = (list(unit.updated_slots), clip_coef, self._lr)
+            unit.written = False
+            unit.updated_slots = []
+
+    def _start_update(self, unit: _Unit, *, blocking: bool) -> bool:
+        """Read `unit`'s committed state and stored gradients and hand its pending update to
+        the optimizer thread; the buffers come from the pool like a prefetch's."""
+        if unit.update_job is not None:
+            return True
+        sizes = (unit.p_bytes, unit.mv_bytes, unit.state_bytes)
+        if blocking:
+            buffers = [self.pool.acquire(size) for size in sizes]
+        else:
+            buffers = []
+            for size in sizes:
+                buffer = self.pool.try_acquire(size, reserve_bytes=self._reserve_bytes())
+                if buffer is None:
+                    for taken in buffers:
+                        taken.release()
+                    return False
+                buffers.append(buffer)
+        p_buffer, mv_buffer, g_buffer = buffers
+        slots, clip_coef, lr = unit.pending_update
+        base = unit.version_offsets[unit.version]
+        target = unit.version_offsets[1 - unit.version]
+        g_bytes = align_up(unit.state_bytes // 2) if unit.grad_half else unit.state_bytes
+        reads = [
+            self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer),
+            self.store.read_span(unit.grad_offset, g_bytes, g_buffer),
+        ]
+        # With a master the update rewrites the working copies from it: no need to read them
+        # unless some of the unit's parameters are not updated this step.
+        if not unit.has_master or len(slots) < len(unit.slots):
+            reads.append(self.store.read_span(base, unit.p_bytes, p_buffer))
+        grad_half = unit.grad_half
+
+        @torch.no_grad()
+        def job():
+            for read in reads:
+                read.result()
+            if grad_half:
+                self._unpack_gradients(unit, g_buffer)
+            grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
+            if clip_coef is not None:
+                torch._foreach_mul_(grads, clip_coef)
+            self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
+            del grads
+            g_buffer.release()
+            write_p = self.store.write_span(target, unit.p_bytes, p_buffer)
+            write_mv = self.store.write_span(target + unit.p_bytes, unit.mv_bytes, mv_buffer)
+            write_mv.add_done_callback(lambda _f: mv_buffer.release())
+            return write_p, write_mv
+
+        unit.p_buffer, unit.p_future = p_buffer, None
+        unit.update_job = self._optimizer_thread.submit(job)
+        return True
+
+    def _finish_update(self, unit: _Unit) -> None:
+        """Wait for `unit`'s update; its new version is committed and p_buffer holds the new
+        working parameters (released once their write to NVMe is done)."""
+        started = time.perf_counter()
+        job, unit.update_job = unit.update_job, None
+        write_p, write_mv = job.result()
+        self._stats["sweep_s"] = self._stats.get("sweep_s", 0.0) + time.perf_counter() - started
+        self._writes.extend([write_p, write_mv])
+        unit.p_write = write_p
+        slots = unit.pending_update[0]
+        unit.pending_update = None
+        unit.version = 1 - unit.version
+        for slot in slots:
+            self.param_steps[slot.name] += 1
+
+    def settle(self) -> None:
+        """Apply every pending update (see `_queue_updates`) and wait for its writes: after
+        this the committed state on NVMe is the whole last step's. Readers of the state call it."""
+        pending = [unit for unit in self.units if unit.pending_update is not None]
+        for position, unit in enumerate(pending):
+            self._start_update(unit, blocking=True)
+            if position + 1 < len(pending):
+                self._start_update(pending[position + 1], blocking=False)
+            self._release(unit)  # finishes the update first
+        if pending:
+            for future in self._writes:
+                future.result()
+            self._writes = []
 
     def _prefetch(self, order: Sequence[_Unit], after: _Unit) -> None:
         if self.prefetch_depth <= 0 or after not in order:
@@ -972,51 +1087,6 @@ class OffloadEngine:
                 target.copy_(master)  # round to nearest even, as master.to(dtype)
         self._stats["optimizer_s"] += time.perf_counter() - started
 
-    def _optimizer_sweep(self, clip_coef: torch.Tensor | None) -> None:
-        """This step's updates from the committed state and the stored gradients (clipped by
-        `clip_coef` if given): the redo of a clipped speculative step, or the deferred step."""
-        units = [unit for unit in self.units if unit.updated_slots]
-        queued: list = []
-
-        def start(unit: _Unit):
-            base = unit.version_offsets[unit.version]
-            p_buffer = self.pool.acquire(unit.p_bytes)
-            mv_buffer = self.pool.acquire(unit.mv_bytes)
-            g_buffer = self.pool.acquire(unit.state_bytes)
-            g_bytes = align_up(unit.state_bytes // 2) if unit.grad_half else unit.state_bytes
-            reads = [
-                self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer),
-                self.store.read_span(unit.grad_offset, g_bytes, g_buffer),
-            ]
-            # With a master, the sweep rewrites the working copies from it: no need to read them
-            # unless some of the unit's parameters are not updated this step.
-            if not unit.has_master or len(unit.updated_slots) < len(unit.slots):
-                reads.append(self.store.read_span(base, unit.p_bytes, p_buffer))
-            return unit, p_buffer, mv_buffer, g_buffer, reads
-
-        for position, _ in enumerate(units):
-            while len(queued) < 2 and position + len(queued) < len(units):
-                queued.append(start(units[position + len(queued)]))
-            unit, p_buffer, mv_buffer, g_buffer, reads = queued.pop(0)
-            for read in reads:
-                read.result()
-            if unit.grad_half:
-                self._unpack_gradients(unit, g_buffer)
-            slots = unit.updated_slots
-            grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
-            if clip_coef is not None:
-                torch._foreach_mul_(grads, clip_coef)
-            self._update(unit, slots, grads, p_buffer, mv_buffer, self._lr)
-            del grads
-            g_buffer.release()
-            offset = unit.version_offsets[1 - unit.version]
-            write_p = self.store.write_span(offset, unit.p_bytes, p_buffer)
-            write_p.add_done_callback(lambda _f, b=p_buffer: b.release())
-            write_mv = self.store.write_span(offset + unit.p_bytes, unit.mv_bytes, mv_buffer)
-            write_mv.add_done_callback(lambda _f, b=mv_buffer: b.release())
-            self._writes.extend([write_p, write_mv])
-        self._drain()
-
     # ------------------------------------------------------------------------------------------
     # the step
 
@@ -1053,13 +1123,11 @@ class OffloadEngine:
         self._on_phase("optimizer")
         decision = step_decision(norm, self.settings.grad_clip)
         redone = False
-        sweep_started = time.perf_counter()
         if decision == "clip":
-            self._optimizer_sweep(clip_coefficient(norm, self.settings.grad_clip))
+            self._queue_updates(clip_coefficient(norm, self.settings.grad_clip))
             redone = not deferred
         elif decision == "commit" and deferred:
-            self._optimizer_sweep(None)
-        self._stats["sweep_s"] = time.perf_counter() - sweep_started
+            self._queue_updates(None)
         self._last_decision = decision
         self._defer = False
         if decision == "skip":
@@ -1190,6 +1258,7 @@ class OffloadEngine:
                 )
                 del outputs
                 self._phase = "backward"
+                self.settle()  # units the forward did not use; their gradient spans are reused
                 if self._last_microbatch:
                     self._on_phase("backward")
                 backward_started = time.perf_counter()
@@ -1353,6 +1422,7 @@ class OffloadEngine:
         """The committed state as one streaming shard (call between steps)."""
         if self._phase != "idle":
             raise RuntimeError("checkpoint_shards() must be called between training steps")
+        self.settle()
         layout, spans = self._layout()
         store = self.store
 
@@ -1368,6 +1438,7 @@ class OffloadEngine:
 
     def load_checkpoint_shards(self, shards: Mapping) -> None:
         """Restore the committed state from shards written by `checkpoint_shards`, streaming."""
+        self.settle()
         if "offload" not in shards:
             raise ValueError(f"checkpoint has no 'offload' shard (found: {sorted(shards)})")
         shard = shards["offload"]
@@ -1417,6 +1488,7 @@ class OffloadEngine:
     def gather_parameters(self, *, working_copies: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter as a host tensor (loads the whole model: tests and small models only):
         the fp32 masters, or with `working_copies` what forward and backward see."""
+        self.settle()
         result = {}
         for region in self._regions():  # a slot's "compute/" region follows its "param/" one
             if region.kind == "param" or (working_copies and region.kind == "compute"):
@@ -1431,6 +1503,7 @@ class OffloadEngine:
     @torch.no_grad()
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """AdamW state per parameter name, shaped like torch.optim.AdamW's (host tensors)."""
+        self.settle()
         state: dict[str, dict[str, torch.Tensor]] = {}
         for region in self._regions():
             if region.kind in ("exp_avg", "exp_avg_sq"):
@@ -1449,6 +1522,7 @@ class OffloadEngine:
         copies are rounded from the masters. A parameter without optimizer state starts fresh."""
         if self._phase != "idle":
             raise RuntimeError("load_parameters_and_state() must be called between training steps")
+        self.settle()
         missing = [
             r.slot.name for r in self._regions() if r.kind == "param" and r.slot.name not in params
         ]
@@ -1481,6 +1555,7 @@ class OffloadEngine:
         self, path: str | os.PathLike, metadata: dict[str, str] | None = None
     ) -> None:
         """Write the committed parameters as one safetensors file, one tensor in memory at a time."""
+        self.settle()
         dtype_codes = {
             torch.float32: "F32",
             torch.bfloat16: "BF16",

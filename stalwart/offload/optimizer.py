@@ -17,14 +17,19 @@ written to its gradient span (4 extra bytes per parameter). When the backward en
 norm is known:
 - finite and at most `grad_clip` (or clipping off): the speculative version is committed;
 - not finite: the step is skipped (the committed version stays; the step counter does not move);
-- above `grad_clip`: the speculative version is discarded and the optimizer alone sweeps the
-  layers again, from the committed state and the stored gradients times the clip coefficient,
-  giving exactly `clip_grad_norm_` followed by AdamW. A clipped step costs one more pass of
-  optimizer I/O (16 bytes read and 12 written per parameter), not another forward and backward.
+- above `grad_clip`: the speculative version is discarded and every layer is updated again,
+  from the committed state and the stored gradients times the clip coefficient, giving exactly
+  `clip_grad_norm_` followed by AdamW. A clipped step costs one more pass of optimizer I/O
+  (14 bytes read and 14 written per parameter with bf16 working copies), not another forward
+  and backward.
 Because clipping tends to persist, the step after a clipped one does not speculate: it only
-writes gradients during backward and runs the optimizer sweep once the norm is known
-(DeepSpeed's order). The step after an unclipped one speculates again. Every path gives the
-same bits as `clip_grad_norm_` + AdamW in memory.
+writes gradients during backward (DeepSpeed's order). The update of a clipped or deferred step
+is not a separate pass after the backward: each layer's update waits until the next forward
+reaches that layer (or anything reads the state, `OffloadEngine.settle`), streams in ahead of it
+like a prefetch, runs on the optimizer thread beside the forward of the layer before, and hands
+its new working parameters straight to the forward, so they are not read back from NVMe. The
+step after an unclipped one speculates again. Every path gives the same bits as
+`clip_grad_norm_` + AdamW in memory.
 """
 
 from __future__ import annotations

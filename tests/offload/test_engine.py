@@ -301,3 +301,62 @@ def test_bf16_deferred_step_stores_two_byte_gradients(tmp_path):
     assert history[1]["bytes_read"] / num_params == pytest.approx(18, rel=0.05)
     assert history[1]["bytes_written"] / num_params == pytest.approx(16, rel=0.05)
     engine.close()
+
+
+def test_clipped_update_is_applied_by_the_next_forward_without_reading_parameters(tmp_path):
+    """A clipped (or deferred) step's optimizer update waits for the next forward, which gets
+    the new bf16 parameters from the update itself: that step reads 2 (backward) + 12 (master,
+    exp_avg, exp_avg_sq) + 2 (bf16 gradients) B per parameter, not 2 more for the forward.
+    Between steps the pending update is invisible to nothing: evaluation, gathering and
+    checkpoints all see the whole last step."""
+    optim = optim_config(grad_clip=0.05)  # every step clips
+    steps = batches(3, num_micro=1, vocab=259)
+    lrs = [1e-2, 5e-3, 2e-3]
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    engine = OffloadEngine(
+        tiny_gpt(depth=2, width=256),
+        offload_config(tmp_path / "a"),
+        optim,
+        loss_fn=lm_loss,
+        precision="bf16",
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+    num_params = sum(slot.numel for unit in engine.units for slot in unit.slots)
+    history = []
+    for micro_batches, lr in zip(steps, lrs):
+        history.append(engine.train_step(micro_batches, lr))
+        pending = [unit for unit in engine.units if unit.pending_update is not None]
+        assert pending, "a clipped step leaves its update for the next forward"
+    assert all(step["clipped"] for step in history) and history[2]["deferred"]
+    assert history[2]["bytes_read"] / num_params == pytest.approx(16, rel=0.05)
+    assert history[2]["bytes_written"] / num_params == pytest.approx(16, rel=0.05)
+
+    # Evaluation applies the pending update unit by unit, exactly as the next step would.
+    inputs = steps[0][0][0]
+    reference = tiny_gpt(depth=2, width=256)
+    mixed = reference_train_mixed(reference, steps, optim, lrs)
+    evaluated = engine.run_forward(inputs)
+    with torch.no_grad():
+        expected = reference(inputs)
+    assert torch.equal(evaluated, expected)
+    _assert_identical(mixed, engine.gather_parameters())
+    assert not [unit for unit in engine.units if unit.pending_update is not None]
+
+    # A checkpoint taken right after a clipped step holds that step.
+    engine.train_step(steps[0], 1e-3)
+    restored = OffloadEngine(
+        tiny_gpt(depth=2, width=256, seed=1),
+        offload_config(tmp_path / "b"),
+        optim,
+        loss_fn=lm_loss,
+        precision="bf16",
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+    restored.load_checkpoint_shards(engine.checkpoint_shards())
+    _assert_identical(engine.gather_parameters(), restored.gather_parameters())
+    assert restored.param_steps == engine.param_steps
+    engine.close()
+    restored.close()
