@@ -143,17 +143,10 @@ def child_ours(args) -> dict:
             file=sys.stderr,
             flush=True,
         )
-    # A clipped step's update runs in the next step's forward, so each step above carries the
-    # previous one's; the last step's is charged to it here, as the next forward would apply it.
-    read0, written0 = io_bytes()
-    start = time.perf_counter()
+    # A clipped step's update runs in the next step's forward: each measured step (after the
+    # warm-up) carries exactly one update, the previous step's, as each DeepSpeed step carries
+    # its own. The last one is applied here, untimed, before the engine closes.
     engine.settle()
-    settle_s = time.perf_counter() - start
-    read1, written1 = io_bytes()
-    steps[-1]["step_s"] += settle_s
-    steps[-1]["read_bytes"] += read1 - read0
-    steps[-1]["written_bytes"] += written1 - written0
-    steps[-1]["profile_s"]["sweep_s"] += settle_s
     plan = engine.plan.describe() if engine.plan else ""
     engine.close()
     return {"num_params": num_params, "steps": steps, "plan": plan}
