@@ -6,10 +6,11 @@ optimizer's step counters are cloned), then a background thread copies the large
 (parameters, optimizer moments) into the shared-memory slot the manager hands out, while step
 N+1's forward and backward run (they only read parameters). Step N+1's optimizer step waits for
 that copy first, the CheckFreq rule: parameters may not change under a snapshot. The wait is the
-only time the trainer blocks on a snapshot, and it is measured. After the copy the thread
-computes per-entry checksums and publishes the version to the manager without holding up the
-trainer. On CUDA the copy is a D2H copy on a side stream into the page-locked region, and the
-optimizer step waits on a CUDA event, not on the host.
+only time the trainer blocks on a snapshot, and it is measured. On CPU the per-entry checksums
+are computed piece by piece as the copy goes (each piece hashed while still in cache); on CUDA
+the copy is a D2H copy on a side stream into the page-locked region, the optimizer step waits on
+a CUDA event, not on the host, and the checksums follow the copy. Then the thread publishes the
+version to the manager without holding up the trainer.
 
 The manager is any object (or Ray actor handle) with:
   register(rank, total_bytes) -> [slot0_region_name, slot1_region_name]
@@ -32,7 +33,15 @@ from typing import Any
 import torch
 
 from stalwart.snapshot import shm
-from stalwart.snapshot.state import Layout, checksums, copy_into, layout_tree, unflatten, verify
+from stalwart.snapshot.state import (
+    Layout,
+    checksums,
+    copy_and_checksum,
+    copy_into,
+    layout_tree,
+    unflatten,
+    verify,
+)
 
 # Tensors this small are cloned at capture time: cloning costs nothing and frees the background
 # copy from caring whether the owner mutates them (RNG states, optimizer step counters).
@@ -198,6 +207,32 @@ class SnapshotAgent:
             self._in_flight.append(job)
         self._pending_copy = job
 
+    def wait_for_copy(self) -> None:
+        """Wait for the pending snapshot's copy (what the next optimizer step waits for) and
+        count it as blocking time; its checksums and publish may still run after."""
+        self._raise_background_errors()
+        if self._pending_copy is not None:
+            self._wait_for_copy()
+
+    def pause(self) -> None:
+        """Take no snapshots until `resume()`: unhook from the trainer (after the pending
+        copy, which must finish before parameters change)."""
+        self.wait_for_copy()
+        for hooks, hook in self._hooks():
+            if hook in hooks:
+                hooks.remove(hook)
+
+    def resume(self) -> None:
+        for hooks, hook in self._hooks():
+            if hook not in hooks:
+                hooks.append(hook)
+
+    def _hooks(self) -> list[tuple[list, Any]]:
+        return [
+            (self.trainer.after_step_hooks, self._after_step),
+            (self.trainer.before_optimizer_hooks, self._before_optimizer),
+        ]
+
     def _wait_for_copy(self) -> None:
         job, self._pending_copy = self._pending_copy, None
         started = time.perf_counter()
@@ -259,10 +294,7 @@ class SnapshotAgent:
             self.flush()
         finally:
             self._closed = True
-            for hooks, hook in (
-                (self.trainer.after_step_hooks, self._after_step),
-                (self.trainer.before_optimizer_hooks, self._before_optimizer),
-            ):
+            for hooks, hook in self._hooks():
                 if hook in hooks:
                     hooks.remove(hook)
             self._executor.shutdown(wait=True)
@@ -397,13 +429,17 @@ class SnapshotAgent:
                     pinned=region.cuda_registered,
                 )
             else:
+                # CPU: each piece is hashed as it is copied (one pass over the bytes).
                 tensors = job.tensors
-                self._map(
-                    lambda sub, indices: copy_into(
+                fused_sums = [0] * len(layout.entries)
+                for group, group_sums in self._map(
+                    lambda sub, indices: copy_and_checksum(
                         [tensors[i] for i in indices], sub, region.array
                     ),
                     layout,
-                )
+                ):
+                    for index, value in zip(group, group_sums):
+                        fused_sums[index] = value
         except BaseException as error:
             job.tensors = None
             if not _manager_is_gone(error):  # a lost manager is handled by the caller
@@ -417,12 +453,15 @@ class SnapshotAgent:
         self.last_copy_s = time.perf_counter() - copy_started
 
         publish_started = time.perf_counter()
-        sums = [0] * len(layout.entries)
-        for group, group_sums in self._map(
-            lambda sub, indices: checksums(sub, region.array), layout
-        ):
-            for index, value in zip(group, group_sums):
-                sums[index] = value
+        if done_event is None:
+            sums = fused_sums
+        else:
+            sums = [0] * len(layout.entries)
+            for group, group_sums in self._map(
+                lambda sub, indices: checksums(sub, region.array), layout
+            ):
+                for index, value in zip(group, group_sums):
+                    sums[index] = value
         call_manager(self.manager, "publish", self.rank, job.version, slot, layout.to_json(), sums)
         self.last_publish_s = time.perf_counter() - publish_started
         self.last_snapshot_bytes = layout.total_bytes

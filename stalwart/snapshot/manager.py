@@ -54,6 +54,9 @@ class VersionState:
     ready_positions: set[int] = field(default_factory=set)
     rank_meta: dict[int, dict] = field(default_factory=dict)  # every rank's layout, from ready()
     parity: dict[str, memoryview] = field(default_factory=dict)  # views of shm regions
+    # Parity held as this node's own copy of the version plus the entries where the data
+    # member's copy differs (see `_replica_parity`): key -> {"ranges", "patches", "nbytes"}.
+    replicas: dict[str, dict] = field(default_factory=dict)
     failed: str | None = None
     encoded: bool = False
 
@@ -263,6 +266,16 @@ class SnapshotManager:
 
         A peer encoding its parity may ask before this node's ranks have published the
         version; the call waits for them (bounded by the manager's wait timeout)."""
+        state = self._wait_complete(version)
+        with self.cond:
+            pieces = [
+                self.regions[rank][state.local[rank].slot].array[: state.local[rank].total_bytes]
+                for rank in self.ranks
+            ]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _wait_complete(self, version: int) -> VersionState:
+        """`version`'s state once every local rank has published it (bounded wait)."""
 
         def complete() -> bool:
             state = self.versions.get(version)
@@ -281,12 +294,36 @@ class SnapshotManager:
                     f"position {self.position} never received version {version}: it was "
                     f"restarted and its first version is {self.abandon_floor}"
                 )
-            state = self.versions[version]
-            pieces = [
-                self.regions[rank][state.local[rank].slot].array[: state.local[rank].total_bytes]
-                for rank in self.ranks
+            return self.versions[version]
+
+    def local_meta(self, version: int) -> list[tuple[int, str, list[int], int]]:
+        """[(rank, layout json, checksums, bytes)] of this node's copy of `version`, in rank
+        order (the node shard's order); waits for the copy like `node_shard`."""
+        state = self._wait_complete(version)
+        with self.cond:
+            return [
+                (rank, meta.layout_json, list(meta.checksums), meta.total_bytes)
+                for rank, meta in sorted(state.local.items())
             ]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def shard_ranges(self, version: int, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Copies of byte ranges (offset, length) of this node's shard of `version`; a range
+        lies inside one rank's part (as `_replica_parity` asks for whole entries)."""
+        state = self._wait_complete(version)
+        with self.cond:
+            bases, base = [], 0
+            for rank in self.ranks:
+                bases.append((base, rank))
+                base += state.local[rank].total_bytes
+            pieces = []
+            for offset, length in ranges:
+                start, rank = max((b, r) for b, r in bases if b <= offset)
+                meta = state.local[rank]
+                if offset - start + length > meta.total_bytes:
+                    raise ValueError(f"range ({offset}, {length}) crosses rank {rank}'s part")
+                array = self.regions[rank][meta.slot].array
+                pieces.append(array[offset - start : offset - start + length].copy())
+            return pieces
 
     def shard_regions(self, version: int) -> tuple[str, list[tuple[str, int]]]:
         """(host name, [(region name, bytes)] in rank order) of this node's copy of `version`."""
@@ -325,19 +362,7 @@ class SnapshotManager:
         try:
             with self.cond:
                 state = self.versions[version]
-            if self.layout.protected:
-                shards = _PeerShards(self, version, set(self.positions))
-                try:
-                    state.parity = compute_parity(
-                        self.layout,
-                        self.position,
-                        shards,
-                        version=version,
-                        num_threads=self.num_threads,
-                        allocate=self._allocate_parity,
-                    )
-                finally:
-                    shards.close()
+            self._encode(version, state)
             if self._superseded(version, state):
                 return  # the dead attempt's version: announcing it would mix the attempts
             state.encoded = True
@@ -355,6 +380,81 @@ class SnapshotManager:
                 self.versions.setdefault(version, VersionState()).failed = repr(error)
                 self.events.append({"version": version, "error": repr(error)})
                 self.cond.notify_all()
+
+    def _encode(self, version: int, state: VersionState) -> None:
+        """The parity this position holds for `version`: replica parity where the data members'
+        copies are (mostly) the same bytes as this node's own, else erasure-coded fragments."""
+        if not self.layout.protected:
+            return
+        replicas = self._replica_parity(version, state)
+        if replicas is not None:
+            state.replicas = replicas
+            return
+        shards = _PeerShards(self, version, set(self.positions))
+        try:
+            state.parity = compute_parity(
+                self.layout,
+                self.position,
+                shards,
+                version=version,
+                num_threads=self.num_threads,
+                allocate=self._allocate_parity,
+            )
+        finally:
+            shards.close()
+
+    def _replica_parity(self, version: int, state: VersionState) -> dict[str, dict] | None:
+        """Parity of a stripe with one data member (k = 1: the parity piece *is* that member's
+        shard) kept as a reference to this node's own copy of the version plus the entries
+        where the member's copy differs. Data-parallel replicas hold the same parameters and
+        optimizer state, so only their rank-private entries (RNG, data position) differ: the
+        holder copies kilobytes instead of the whole shard, and holds no parity buffer.
+
+        The entries compared are those whose checksums differ; equal checksums are taken as
+        equal bytes, and a rebuild verifies the result against the member's own checksums, so
+        a collision could only make a rebuild fail its check, never restore wrong bytes. The
+        reference is safe for the version's lifetime: the slot holding a version is reused
+        only after a newer version commits, when this parity is released too. None: not
+        applicable (k > 1, different layouts, or mostly different bytes, as FSDP shards)."""
+        replicas = {}
+        with self.cond:
+            mine = [(rank, state.local[rank]) for rank in self.ranks]
+        for assignment in self.layout.parity_assignments(self.position):
+            if len(assignment.sources) != 1:
+                return None
+            ((member, _chunk),) = assignment.sources
+            theirs = ray.get(self.peers[member].local_meta.remote(version))
+            if len(theirs) != len(mine):
+                return None
+            ranges, base = [], 0
+            for (_, meta), (_, their_layout, their_sums, their_bytes) in zip(mine, theirs):
+                if their_bytes != meta.total_bytes:
+                    return None
+                entries = json.loads(meta.layout_json)["entries"]
+                their_entries = json.loads(their_layout)["entries"]
+                if [(e["offset"], e["nbytes"]) for e in entries] != [
+                    (e["offset"], e["nbytes"]) for e in their_entries
+                ]:
+                    return None
+                for entry, own, other in zip(entries, meta.checksums, their_sums):
+                    if own != other and entry["nbytes"]:
+                        ranges.append((base + entry["offset"], entry["nbytes"]))
+                base += meta.total_bytes
+            if 2 * sum(length for _, length in ranges) > base:
+                return None
+            patches = (
+                ray.get(self.peers[member].shard_ranges.remote(version, ranges)) if ranges else []
+            )
+            replicas[assignment.key] = {"ranges": ranges, "patches": patches, "nbytes": base}
+        return replicas
+
+    def replica_parity(self, version: int) -> dict[str, dict]:
+        """This position's replica parity of `version` (see `_replica_parity`)."""
+        with self.cond:
+            state = self.versions.get(version)
+            if state is None or not state.encoded:
+                raise KeyError(f"position {self.position} holds no parity for version {version}")
+            return dict(state.replicas)
 
     def ready(self, version: int, position: int, rank_meta: dict) -> None:
         with self.cond:
@@ -425,6 +525,7 @@ class SnapshotManager:
                 region.close()
                 region.unlink()
         state.parity = {}
+        state.replicas = {}
 
     def _in_flight(self, version: int) -> bool:
         state = self.versions.get(version)
@@ -608,6 +709,37 @@ class SnapshotManager:
                 continue
         return fragments, attached
 
+    def _rebuild_from_replica(
+        self, version: int, alive: set[int], shard_nbytes: int, out
+    ) -> memoryview | bytearray | None:
+        """This position's shard from a survivor's replica parity of it: the survivor's own
+        copy with the differing entries patched in. None when no survivor holds one."""
+        for _, stripe in self.layout.data_placement(self.position):
+            if stripe.num_data != 1:
+                return None
+            for parity_index, holder in enumerate(stripe.parity_holders):
+                if holder not in alive:
+                    continue
+                try:
+                    replicas = ray.get(self.peers[holder].replica_parity.remote(version))
+                except Exception:
+                    continue
+                replica = replicas.get(stripe.parity_key(parity_index))
+                if replica is None or replica["nbytes"] != shard_nbytes:
+                    continue
+                shards = _PeerShards(self, version, alive)
+                try:
+                    base = shards[holder]
+                    shard = out if out is not None else bytearray(shard_nbytes)
+                    target = np.frombuffer(shard, np.uint8)
+                    target[:] = base[:shard_nbytes]
+                    for (offset, length), patch in zip(replica["ranges"], replica["patches"]):
+                        target[offset : offset + length] = patch
+                    return shard
+                finally:
+                    shards.close()
+        return None
+
     def rebuild(self, version: int, lost_positions: list[int], rank_meta: dict[int, dict]) -> dict:
         """Rebuild this (replacement) node's ranks for `version` from the group's survivors.
 
@@ -627,21 +759,23 @@ class SnapshotManager:
             with self.cond:
                 self.register(mine[0], shard_nbytes)
                 out = self.regions[mine[0]][0].buffer[:shard_nbytes]
-        surviving_parity, attached = self._surviving_parity(version, alive)
-        try:
-            shard = rebuild_shard(
-                self.layout,
-                self.position,
-                shard_nbytes,
-                _PeerShards(self, version, alive),
-                surviving_parity,
-                version=version,
-                out=out,
-            )
-        finally:
-            surviving_parity.clear()
-            for region in attached:
-                region.close()
+        shard = self._rebuild_from_replica(version, alive, shard_nbytes, out)
+        if shard is None:
+            surviving_parity, attached = self._surviving_parity(version, alive)
+            try:
+                shard = rebuild_shard(
+                    self.layout,
+                    self.position,
+                    shard_nbytes,
+                    _PeerShards(self, version, alive),
+                    surviving_parity,
+                    version=version,
+                    out=out,
+                )
+            finally:
+                surviving_parity.clear()
+                for region in attached:
+                    region.close()
         view = memoryview(shard)
         offset = 0
         state = VersionState(encoded=False)
@@ -669,14 +803,7 @@ class SnapshotManager:
             self.versions[version] = state
             self.committed = version
         # Recompute the parity this position holds, so the group is protected again.
-        if self.layout.protected:
-            state.parity = compute_parity(
-                self.layout,
-                self.position,
-                _PeerShards(self, version, set(self.positions)),
-                version=version,
-                allocate=self._allocate_parity,
-            )
+        self._encode(version, state)
         state.encoded = True
         return {
             "position": self.position,

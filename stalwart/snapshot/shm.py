@@ -26,6 +26,7 @@ import numpy as np
 NAME_PREFIX = "stalwart-"
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CUDA_HOST_REGISTER_PORTABLE = 1
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 
 
 def shm_dir() -> Path:
@@ -168,7 +169,10 @@ def create_region(name: str, nbytes: int, *, register_cuda: bool = False) -> Reg
                 f"{error.strerror}; free memory there or lower the snapshot size"
             ) from None
         mapping = mmap.mmap(
-            fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            fd,
+            nbytes,
+            flags=mmap.MAP_SHARED | _MAP_POPULATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
     except BaseException:
         os.close(fd)
@@ -195,8 +199,13 @@ def attach_region(name: str, *, register_cuda: bool = False) -> Region:
         nbytes = os.fstat(fd).st_size
         if nbytes == 0:
             raise ValueError(f"shared-memory region {name!r} at {path} is empty")
+        # Populated now (as at creation): a trainer copies its whole state into the region, and
+        # 4 KiB page faults on first touch would otherwise land in that copy.
         mapping = mmap.mmap(
-            fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            fd,
+            nbytes,
+            flags=mmap.MAP_SHARED | _MAP_POPULATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
     finally:
         os.close(fd)

@@ -364,6 +364,54 @@ def copy_into(
     return done
 
 
+# Fused copy + checksum works through an entry in pieces this size: each piece is hashed
+# right after it is copied, while it is still in cache, so the snapshot's bytes cross the memory
+# bus once for both (a separate checksum pass re-reads the whole region).
+FUSED_PIECE_BYTES = 1 << 20
+
+
+def copy_and_checksum(
+    tensors: Sequence[tuple[str, torch.Tensor]] | Sequence[torch.Tensor],
+    layout: Layout,
+    buffer: Buffer,
+    *,
+    piece_bytes: int = FUSED_PIECE_BYTES,
+) -> list[int]:
+    """`copy_into` for CPU tensors that also returns `checksums` of the copied bytes, in one
+    pass: the same bytes and the same xxhash3-64 values as the two calls."""
+    layout = Layout.coerce(layout)
+    if len(tensors) != len(layout.entries):
+        raise ValueError(
+            f"copy_and_checksum got {len(tensors)} tensors for a layout of "
+            f"{len(layout.entries)} entries"
+        )
+    byte_view = _byte_tensor(buffer, layout.total_bytes)
+    memory = memoryview(byte_view.numpy()) if byte_view.numel() else memoryview(b"")
+    sums = []
+    for item, entry in zip(tensors, layout.entries):
+        tensor = (item[1] if isinstance(item, tuple) else item).detach()
+        if tensor.is_cuda:
+            raise ValueError(f"copy_and_checksum is for CPU tensors; {entry.name!r} is on CUDA")
+        if dtype_name(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise ValueError(
+                f"tensor {entry.name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)} but the "
+                f"layout says {entry.dtype}{list(entry.shape)}; recompute the layout"
+            )
+        hasher = xxhash.xxh3_64()
+        if entry.nbytes and tensor.is_contiguous():
+            source = tensor.reshape(-1).view(torch.uint8)
+            target = byte_view[entry.offset : entry.offset + entry.nbytes]
+            for start in range(0, entry.nbytes, piece_bytes):
+                stop = min(start + piece_bytes, entry.nbytes)
+                target[start:stop].copy_(source[start:stop])
+                hasher.update(memory[entry.offset + start : entry.offset + stop])
+        elif entry.nbytes:
+            _bit_view(_region(byte_view, entry)).copy_(_bit_view(tensor))
+            hasher.update(memory[entry.offset : entry.offset + entry.nbytes])
+        sums.append(hasher.intdigest())
+    return sums
+
+
 def _as_memoryview(buffer: Buffer) -> memoryview:
     if isinstance(buffer, torch.Tensor):
         return memoryview(buffer.view(torch.uint8).reshape(-1).numpy())

@@ -171,6 +171,35 @@ def test_optimizer_waits_for_the_copy_which_holds_step_n(tmp_path, job_id):
     agent.close()
 
 
+def test_pause_waits_for_the_copy_and_resume_snapshots_again(tmp_path, job_id):
+    gate = threading.Event()
+    manager = FakeManager(job_id, gate=gate)
+    trainer = make_trainer(tmp_path)
+    agent = SnapshotAgent(trainer, manager, rank=0, every_steps=1)
+    trainer.train_step()
+    at_step_one = cloned_state(trainer)
+    threading.Timer(0.2, gate.set).start()
+    agent.pause()  # the copy of step 1 must finish before anything can change the parameters
+    assert agent.last_wait_s >= 0.15
+    agent.flush()
+    assert sorted(manager.published) == [1]
+    trainer.train_step()  # paused: no snapshot of step 2
+    agent.flush()
+    assert sorted(manager.published) == [1]
+    agent.resume()
+    agent.resume()  # idempotent: still one snapshot per step
+    trainer.train_step()
+    agent.wait_for_copy()
+    agent.flush()
+    assert sorted(manager.published) == [1, 3]
+    assert agent.num_snapshots == 2
+    slot = manager.published[1][0]
+    assert slot != manager.published[3][0]  # double buffering kept step 1 intact meanwhile
+    tensors, _ = flatten(unflatten(manager.published[1][1], None, manager.regions[slot].buffer))
+    assert_tensors_equal(tensors, at_step_one[0])
+    agent.close()
+
+
 @pytest.mark.parametrize("fail", ["acquire", "publish"])
 def test_background_failure_surfaces_on_the_next_wait(tmp_path, job_id, fail):
     manager = FakeManager(job_id, fail=fail)

@@ -135,3 +135,104 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
                 pass
         cluster.shutdown()
         shm.remove_regions(f"stalwart-{job_id}-")
+
+
+@pytest.mark.parametrize("same_weights", [True, False], ids=["replicas", "shards"])
+def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weights):
+    """k = 1 (3 nodes, parity 2): each parity piece is a whole peer shard. Data-parallel
+    replicas (same weights, private RNG-like entries) keep it as a reference to the holder's own
+    copy plus the differing entries; shards that differ throughout get real fragments. Either
+    way two lost nodes are rebuilt byte-identically and the group goes on committing."""
+    num_nodes = 3
+    cluster = connect(num_nodes=num_nodes, num_spare_nodes=1, cpus_per_node=1)
+    job_id = f"mgrreplica{int(same_weights)}"
+    managers: dict = {}
+    regions: dict = {}
+
+    def manager(node_id, position):
+        return RemoteSnapshotManager.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        ).remote(
+            job_id=job_id,
+            position=position,
+            positions=list(range(num_nodes)),
+            ranks=[position],
+            group_size=num_nodes,
+            parity=2,
+            run_dir="/tmp/unused",
+            wait_timeout_s=30,
+        )
+
+    def publish(trees, version):
+        for p, tree in trees.items():
+            tensors, layout = layout_tree(tree)
+            if p not in regions:
+                names = ray.get(managers[p].register.remote(p, layout.total_bytes))
+                regions[p] = [shm.attach_region(name) for name in names]
+            slot = ray.get(managers[p].acquire.remote(p, version))
+            copy_into(tensors, layout, regions[p][slot].buffer)
+            sums = checksums(layout, regions[p][slot].buffer)
+            ray.get(managers[p].publish.remote(p, version, slot, layout.to_json(), sums))
+        _wait_committed(managers, version)
+
+    try:
+        nodes = cluster.alive_nodes()
+        managers = {p: manager(nodes[p].node_id, p) for p in range(num_nodes)}
+        ray.get([m.set_peers.remote(managers) for m in managers.values()])
+        generator = torch.Generator().manual_seed(7)
+        weights = torch.randn(20_000, generator=generator)
+        trees = {
+            p: {
+                "weights": weights.clone() if same_weights else torch.randn(20_000, generator=generator),
+                "rng": torch.randint(0, 255, (64,), dtype=torch.uint8, generator=generator),
+                "step": 0,
+            }
+            for p in range(num_nodes)
+        }
+        for version in (1, 2):
+            for tree in trees.values():
+                tree["weights"].add_(1.0)
+                tree["step"] = version
+            publish(trees, version)
+        held = ray.get(managers[0].replica_parity.remote(2))
+        fragments = ray.get(managers[0].parity_fragments.remote(2))
+        if same_weights:
+            assert len(held) == 2 and not fragments
+            for replica in held.values():
+                # Only the private entry differs between the replicas.
+                assert [length for _, length in replica["ranges"]] == [64]
+        else:
+            assert not held and len(fragments) == 2
+        lost = [0, 1]
+        expected = {p: ray.get(managers[p].rank_shard.remote(p, 2)).copy() for p in lost}
+        meta = ray.get(managers[2].version_meta.remote(2))
+        for p in lost:
+            cluster.remove_node(nodes[p].node_id)
+        spare = nodes[num_nodes]
+        for p in lost:
+            managers[p] = manager(spare.node_id, -1)
+            ray.get(managers[p].assume_position.remote(p, list(range(num_nodes)), [p]))
+        ray.get([m.set_peers.remote(managers) for m in managers.values()])
+        ray.get([managers[p].rebuild.remote(2, lost, meta) for p in lost])
+        for p in lost:
+            assert np.array_equal(ray.get(managers[p].rank_shard.remote(p, 2)), expected[p])
+            assert ray.get(managers[p].verify_version.remote(2))
+        for p in lost:
+            for region in regions.pop(p):
+                region.close()
+        for tree in trees.values():
+            tree["weights"].add_(1.0)
+            tree["step"] = 3
+        publish(trees, 3)
+        assert bool(ray.get(managers[0].replica_parity.remote(3))) == same_weights
+    finally:
+        for region_list in regions.values():
+            for region in region_list:
+                region.close()
+        for handle in managers.values():
+            try:
+                ray.get(handle.shutdown.remote(), timeout=10)
+            except Exception:
+                pass
+        cluster.shutdown()
+        shm.remove_regions(f"stalwart-{job_id}-")

@@ -43,6 +43,7 @@ def test_a_dropped_versions_late_encode_leaves_the_next_attempts_version_alone(m
     must not announce it either."""
     import json
     import threading
+    import time
 
     from stalwart.snapshot import manager as manager_module
 
@@ -57,13 +58,19 @@ def test_a_dropped_versions_late_encode_leaves_the_next_attempts_version_alone(m
         return {}
 
     monkeypatch.setattr(manager_module, "compute_parity", parity)
+    # Erasure-coded fragments, not replica parity (which would ask peers this test lacks).
+    monkeypatch.setattr(
+        manager_module.SnapshotManager, "_replica_parity", lambda self, version, state: None
+    )
     manager = _manager("stale", parity=1)
     layout = json.dumps({"entries": [], "total_bytes": 0})
     try:
         manager.ready(2, 0, {})
         manager.ready(2, 1, {})
         manager.publish(0, 4, 0, layout, [])  # the dead attempt's version 4 starts encoding
+        deadline = time.monotonic() + 10
         while not calls:
+            assert time.monotonic() < deadline, "the first encode never started"
             release.wait(0.01)
         manager.resume_at(2)  # the recovery restores version 2 and drops 4
         manager.publish(0, 4, 1, layout, [])  # the new attempt's version 4

@@ -278,3 +278,29 @@ def test_bad_region_names_and_sizes_are_rejected():
         shm.create_region("stalwart-ok", 0)
     with pytest.raises(ValueError, match="non-empty prefix"):
         shm.remove_regions("")
+
+
+def test_fused_copy_and_checksum_equals_copy_then_checksums():
+    """Same bytes and same checksums as copy_into + checksums, for pieces that split entries,
+    non-contiguous and empty tensors, and every dtype width."""
+    from stalwart.snapshot.state import copy_and_checksum, copy_into, checksums, layout_of
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        ("big", torch.randn(300, 170, generator=generator)),
+        ("half", torch.randn(999, generator=generator).to(torch.bfloat16)),
+        ("transposed", torch.randn(40, 70, generator=generator).t()),
+        ("empty", torch.empty(0)),
+        ("ints", torch.randint(-9, 9, (13,), generator=generator)),
+        ("flags", torch.rand(33, generator=generator) > 0.5),
+    ]
+    layout = layout_of(tensors)
+    expected = np.zeros(layout.total_bytes, np.uint8)
+    copy_into(tensors, layout, expected)
+    for piece_bytes in (1, 64, 4096, 1 << 20):
+        actual = np.zeros(layout.total_bytes, np.uint8)
+        sums = copy_and_checksum(tensors, layout, actual, piece_bytes=piece_bytes)
+        assert np.array_equal(actual, expected)
+        assert sums == checksums(layout, expected)
+    with pytest.raises(ValueError, match="layout says"):
+        copy_and_checksum([("big", torch.zeros(3))] + tensors[1:], layout, actual)
