@@ -278,7 +278,9 @@ def main(argv=None) -> dict:
     # staging stay alive once started, and on a 24 GiB host they do not fit next to the
     # managers' slots and parity.
     in_memory_modes = [m for m in MODES if m != "dcp_async"]
-    plan = [(mode, MEMORY_WARMUP_STEPS if mode == "memory" else 1, False) for mode in in_memory_modes]
+    plan = [
+        (mode, MEMORY_WARMUP_STEPS if mode == "memory" else 1, False) for mode in in_memory_modes
+    ]
     for round_index in range(args.rounds):
         order = [m for m in in_memory_modes if m != "memory"]
         if round_index % 2:

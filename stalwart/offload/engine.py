@@ -945,7 +945,7 @@ class OffloadEngine:
         self._hand_to_optimizer(unit, updated)
 
     def _store_gradients_only(self, unit: _Unit, slots: list[_Slot]) -> None:
-        """Deferred mode: the gradients go to NVMe; the optimizer sweep runs after backward."""
+        """Deferred mode: the gradients go to NVMe; the update waits for the next forward."""
         g_buffer = unit.g_buffer
         unit.g_buffer = None
         self._release_all(unit)

@@ -34,6 +34,18 @@ def _train_offloaded(model, tmp_path, steps, optim, lrs, **engine_options):
     return engine, history, params
 
 
+def _bf16_engine(model, nvme_dir, optim):
+    return OffloadEngine(
+        model,
+        offload_config(nvme_dir),
+        optim,
+        loss_fn=lm_loss,
+        precision="bf16",
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+
+
 def _assert_identical(expected: dict, actual: dict):
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -250,15 +262,7 @@ def test_bf16_checkpoint_round_trip_and_precision_mismatch(tmp_path):
         aio_backend="threadpool",
     )
     shards = engine.checkpoint_shards()
-    restored = OffloadEngine(
-        tiny_gpt(seed=1),
-        offload_config(tmp_path / "b"),
-        optim,
-        loss_fn=lm_loss,
-        precision="bf16",
-        optimizer_kernel="torch",
-        aio_backend="threadpool",
-    )
+    restored = _bf16_engine(tiny_gpt(seed=1), tmp_path / "b", optim)
     restored.load_checkpoint_shards(shards)
     _assert_identical(params, restored.gather_parameters())
     _assert_identical(
@@ -314,15 +318,7 @@ def test_clipped_update_is_applied_by_the_next_forward_without_reading_parameter
     lrs = [1e-2, 5e-3, 2e-3]
     for name in "ab":
         (tmp_path / name).mkdir()
-    engine = OffloadEngine(
-        tiny_gpt(depth=2, width=256),
-        offload_config(tmp_path / "a"),
-        optim,
-        loss_fn=lm_loss,
-        precision="bf16",
-        optimizer_kernel="torch",
-        aio_backend="threadpool",
-    )
+    engine = _bf16_engine(tiny_gpt(depth=2, width=256), tmp_path / "a", optim)
     num_params = sum(slot.numel for unit in engine.units for slot in unit.slots)
     history = []
     for micro_batches, lr in zip(steps, lrs):
@@ -346,15 +342,7 @@ def test_clipped_update_is_applied_by_the_next_forward_without_reading_parameter
 
     # A checkpoint taken right after a clipped step holds that step.
     engine.train_step(steps[0], 1e-3)
-    restored = OffloadEngine(
-        tiny_gpt(depth=2, width=256, seed=1),
-        offload_config(tmp_path / "b"),
-        optim,
-        loss_fn=lm_loss,
-        precision="bf16",
-        optimizer_kernel="torch",
-        aio_backend="threadpool",
-    )
+    restored = _bf16_engine(tiny_gpt(depth=2, width=256, seed=1), tmp_path / "b", optim)
     restored.load_checkpoint_shards(engine.checkpoint_shards())
     _assert_identical(engine.gather_parameters(), restored.gather_parameters())
     assert restored.param_steps == engine.param_steps

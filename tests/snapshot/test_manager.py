@@ -25,15 +25,15 @@ pytestmark = pytest.mark.timeout(300)
 NUM_NODES = 4
 
 
-def _manager(job_id, node_id, position, parity):
+def _manager(job_id, node_id, position, parity, num_nodes=NUM_NODES):
     return RemoteSnapshotManager.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
     ).remote(
         job_id=job_id,
         position=position,
-        positions=list(range(NUM_NODES)),
+        positions=list(range(num_nodes)),
         ranks=[position],
-        group_size=NUM_NODES,
+        group_size=num_nodes,
         parity=parity,
         run_dir="/tmp/unused",
         wait_timeout_s=30,
@@ -48,6 +48,34 @@ def _wait_committed(managers, version, timeout_s=60.0):
             return
         time.sleep(0.05)
     raise AssertionError(f"version {version} not committed everywhere: {statuses}")
+
+
+def _publish(managers, regions, trees, version):
+    """Every position's rank copies its tree in as `version` (registering slots on first use)
+    and publishes it; returns once the version committed everywhere."""
+    for p, tree in trees.items():
+        tensors, layout = layout_tree(tree)
+        if p not in regions:
+            names = ray.get(managers[p].register.remote(p, layout.total_bytes))
+            regions[p] = [shm.attach_region(name) for name in names]
+        slot = ray.get(managers[p].acquire.remote(p, version))
+        copy_into(tensors, layout, regions[p][slot].buffer)
+        sums = checksums(layout, regions[p][slot].buffer)
+        ray.get(managers[p].publish.remote(p, version, slot, layout.to_json(), sums))
+    _wait_committed(managers, version)
+
+
+def _tear_down(cluster, managers, regions, job_id):
+    for region_list in regions.values():
+        for region in region_list:
+            region.close()
+    for handle in managers.values():
+        try:
+            ray.get(handle.shutdown.remote(), timeout=10)
+        except Exception:
+            pass
+    cluster.shutdown()
+    shm.remove_regions(f"stalwart-{job_id}-")
 
 
 @pytest.mark.parametrize("parity", [1, 2])
@@ -67,18 +95,10 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
             for p in range(NUM_NODES)
         }
         for version in (1, 2, 3):
-            for p, tree in trees.items():
+            for tree in trees.values():
                 tree["weights"].add_(1.0)
                 tree["step"] = version
-                tensors, layout = layout_tree(tree)
-                if p not in regions:
-                    names = ray.get(managers[p].register.remote(p, layout.total_bytes))
-                    regions[p] = [shm.attach_region(name) for name in names]
-                slot = ray.get(managers[p].acquire.remote(p, version))
-                copy_into(tensors, layout, regions[p][slot].buffer)
-                sums = checksums(layout, regions[p][slot].buffer)
-                ray.get(managers[p].publish.remote(p, version, slot, layout.to_json(), sums))
-            _wait_committed(managers, version)
+            _publish(managers, regions, trees, version)
         # Parity is served from shared memory to peers on this host, the same bytes as the
         # raw transfer a peer on another host gets.
         survivor = managers[NUM_NODES - 1]
@@ -112,29 +132,12 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
             assert ray.get(managers[p].verify_version.remote(3))
         assert all(report["bytes"] > 0 for report in reports)
         # The rebuilt managers hold parity again and take part in the next version.
-        for p, tree in trees.items():
-            tensors, layout = layout_tree(tree)
-            if p in lost:
-                for region in regions[p]:
-                    region.close()
-                names = ray.get(managers[p].register.remote(p, layout.total_bytes))
-                regions[p] = [shm.attach_region(name) for name in names]
-            slot = ray.get(managers[p].acquire.remote(p, 4))
-            copy_into(tensors, layout, regions[p][slot].buffer)
-            sums = checksums(layout, regions[p][slot].buffer)
-            ray.get(managers[p].publish.remote(p, 4, slot, layout.to_json(), sums))
-        _wait_committed(managers, 4)
-    finally:
-        for region_list in regions.values():
-            for region in region_list:
+        for p in lost:
+            for region in regions.pop(p):
                 region.close()
-        for manager in managers.values():
-            try:
-                ray.get(manager.shutdown.remote(), timeout=10)
-            except Exception:
-                pass
-        cluster.shutdown()
-        shm.remove_regions(f"stalwart-{job_id}-")
+        _publish(managers, regions, trees, 4)
+    finally:
+        _tear_down(cluster, managers, regions, job_id)
 
 
 @pytest.mark.parametrize("same_weights", [True, False], ids=["replicas", "shards"])
@@ -149,41 +152,19 @@ def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weight
     managers: dict = {}
     regions: dict = {}
 
-    def manager(node_id, position):
-        return RemoteSnapshotManager.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-        ).remote(
-            job_id=job_id,
-            position=position,
-            positions=list(range(num_nodes)),
-            ranks=[position],
-            group_size=num_nodes,
-            parity=2,
-            run_dir="/tmp/unused",
-            wait_timeout_s=30,
-        )
-
-    def publish(trees, version):
-        for p, tree in trees.items():
-            tensors, layout = layout_tree(tree)
-            if p not in regions:
-                names = ray.get(managers[p].register.remote(p, layout.total_bytes))
-                regions[p] = [shm.attach_region(name) for name in names]
-            slot = ray.get(managers[p].acquire.remote(p, version))
-            copy_into(tensors, layout, regions[p][slot].buffer)
-            sums = checksums(layout, regions[p][slot].buffer)
-            ray.get(managers[p].publish.remote(p, version, slot, layout.to_json(), sums))
-        _wait_committed(managers, version)
-
     try:
         nodes = cluster.alive_nodes()
-        managers = {p: manager(nodes[p].node_id, p) for p in range(num_nodes)}
+        managers = {
+            p: _manager(job_id, nodes[p].node_id, p, 2, num_nodes) for p in range(num_nodes)
+        }
         ray.get([m.set_peers.remote(managers) for m in managers.values()])
         generator = torch.Generator().manual_seed(7)
         weights = torch.randn(20_000, generator=generator)
         trees = {
             p: {
-                "weights": weights.clone() if same_weights else torch.randn(20_000, generator=generator),
+                "weights": weights.clone()
+                if same_weights
+                else torch.randn(20_000, generator=generator),
                 "rng": torch.randint(0, 255, (64,), dtype=torch.uint8, generator=generator),
                 "step": 0,
             }
@@ -193,7 +174,7 @@ def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weight
             for tree in trees.values():
                 tree["weights"].add_(1.0)
                 tree["step"] = version
-            publish(trees, version)
+            _publish(managers, regions, trees, version)
         held = ray.get(managers[0].replica_parity.remote(2))
         fragments = ray.get(managers[0].parity_fragments.remote(2))
         if same_weights:
@@ -210,7 +191,7 @@ def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weight
             cluster.remove_node(nodes[p].node_id)
         spare = nodes[num_nodes]
         for p in lost:
-            managers[p] = manager(spare.node_id, -1)
+            managers[p] = _manager(job_id, spare.node_id, -1, 2, num_nodes)
             ray.get(managers[p].assume_position.remote(p, list(range(num_nodes)), [p]))
         ray.get([m.set_peers.remote(managers) for m in managers.values()])
         ray.get([managers[p].rebuild.remote(2, lost, meta) for p in lost])
@@ -223,16 +204,7 @@ def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weight
         for tree in trees.values():
             tree["weights"].add_(1.0)
             tree["step"] = 3
-        publish(trees, 3)
+        _publish(managers, regions, trees, 3)
         assert bool(ray.get(managers[0].replica_parity.remote(3))) == same_weights
     finally:
-        for region_list in regions.values():
-            for region in region_list:
-                region.close()
-        for handle in managers.values():
-            try:
-                ray.get(handle.shutdown.remote(), timeout=10)
-            except Exception:
-                pass
-        cluster.shutdown()
-        shm.remove_regions(f"stalwart-{job_id}-")
+        _tear_down(cluster, managers, regions, job_id)

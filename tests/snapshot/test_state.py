@@ -283,7 +283,7 @@ def test_bad_region_names_and_sizes_are_rejected():
 def test_fused_copy_and_checksum_equals_copy_then_checksums():
     """Same bytes and same checksums as copy_into + checksums, for pieces that split entries,
     non-contiguous and empty tensors, and every dtype width."""
-    from stalwart.snapshot.state import copy_and_checksum, copy_into, checksums, layout_of
+    from stalwart.snapshot.state import checksums, copy_and_checksum, copy_into, layout_of
 
     generator = torch.Generator().manual_seed(0)
     tensors = [
