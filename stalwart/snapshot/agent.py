@@ -363,6 +363,15 @@ class SnapshotAgent:
         ]
         return [(group, future.result()) for group, future in zip(groups, futures)]
 
+    def _per_entry(self, function, layout: Layout) -> list:
+        """`_map` of a function returning one value per entry of its sub-layout, gathered
+        back into layout order."""
+        values = [None] * len(layout.entries)
+        for group, group_values in self._map(function, layout):
+            for index, value in zip(group, group_values):
+                values[index] = value
+        return values
+
     def set_manager(self, manager: Any) -> int:
         """Snapshot into a replacement manager from the next version on.
 
@@ -431,15 +440,12 @@ class SnapshotAgent:
             else:
                 # CPU: each piece is hashed as it is copied (one pass over the bytes).
                 tensors = job.tensors
-                fused_sums = [0] * len(layout.entries)
-                for group, group_sums in self._map(
+                fused_sums = self._per_entry(
                     lambda sub, indices: copy_and_checksum(
                         [tensors[i] for i in indices], sub, region.array
                     ),
                     layout,
-                ):
-                    for index, value in zip(group, group_sums):
-                        fused_sums[index] = value
+                )
         except BaseException as error:
             job.tensors = None
             if not _manager_is_gone(error):  # a lost manager is handled by the caller
@@ -456,12 +462,7 @@ class SnapshotAgent:
         if done_event is None:
             sums = fused_sums
         else:
-            sums = [0] * len(layout.entries)
-            for group, group_sums in self._map(
-                lambda sub, indices: checksums(sub, region.array), layout
-            ):
-                for index, value in zip(group, group_sums):
-                    sums[index] = value
+            sums = self._per_entry(lambda sub, indices: checksums(sub, region.array), layout)
         call_manager(self.manager, "publish", self.rank, job.version, slot, layout.to_json(), sums)
         self.last_publish_s = time.perf_counter() - publish_started
         self.last_snapshot_bytes = layout.total_bytes

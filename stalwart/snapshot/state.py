@@ -309,6 +309,24 @@ def _bit_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(twin)
 
 
+def _matched(tensors, layout: Layout, caller: str) -> list[tuple[torch.Tensor, LayoutEntry]]:
+    """(tensor, entry) pairs, each tensor checked against its entry's dtype and shape."""
+    if len(tensors) != len(layout.entries):
+        raise ValueError(
+            f"{caller} got {len(tensors)} tensors for a layout of {len(layout.entries)} entries"
+        )
+    pairs = []
+    for item, entry in zip(tensors, layout.entries):
+        tensor = item[1] if isinstance(item, tuple) else item
+        if dtype_name(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise ValueError(
+                f"tensor {entry.name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)} but the "
+                f"layout says {entry.dtype}{list(entry.shape)}; recompute the layout"
+            )
+        pairs.append((tensor, entry))
+    return pairs
+
+
 def copy_into(
     tensors: Sequence[tuple[str, torch.Tensor]] | Sequence[torch.Tensor],
     layout: Layout,
@@ -327,19 +345,9 @@ def copy_into(
     before reading the buffer), or None when everything was copied synchronously.
     """
     layout = Layout.coerce(layout)
-    if len(tensors) != len(layout.entries):
-        raise ValueError(
-            f"copy_into got {len(tensors)} tensors for a layout of {len(layout.entries)} entries"
-        )
     byte_view = _byte_tensor(buffer, layout.total_bytes)
     cuda_tensors = []
-    for item, entry in zip(tensors, layout.entries):
-        tensor = item[1] if isinstance(item, tuple) else item
-        if dtype_name(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
-            raise ValueError(
-                f"tensor {entry.name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)} but the "
-                f"layout says {entry.dtype}{list(entry.shape)}; recompute the layout"
-            )
+    for tensor, entry in _matched(tensors, layout, "copy_into"):
         if entry.nbytes == 0:
             continue
         if tensor.is_cuda:
@@ -380,23 +388,13 @@ def copy_and_checksum(
     """`copy_into` for CPU tensors that also returns `checksums` of the copied bytes, in one
     pass: the same bytes and the same xxhash3-64 values as the two calls."""
     layout = Layout.coerce(layout)
-    if len(tensors) != len(layout.entries):
-        raise ValueError(
-            f"copy_and_checksum got {len(tensors)} tensors for a layout of "
-            f"{len(layout.entries)} entries"
-        )
     byte_view = _byte_tensor(buffer, layout.total_bytes)
-    memory = memoryview(byte_view.numpy()) if byte_view.numel() else memoryview(b"")
+    memory = _as_memoryview(byte_view) if byte_view.numel() else memoryview(b"")
     sums = []
-    for item, entry in zip(tensors, layout.entries):
-        tensor = (item[1] if isinstance(item, tuple) else item).detach()
+    for tensor, entry in _matched(tensors, layout, "copy_and_checksum"):
+        tensor = tensor.detach()
         if tensor.is_cuda:
             raise ValueError(f"copy_and_checksum is for CPU tensors; {entry.name!r} is on CUDA")
-        if dtype_name(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
-            raise ValueError(
-                f"tensor {entry.name!r} is {dtype_name(tensor.dtype)}{list(tensor.shape)} but the "
-                f"layout says {entry.dtype}{list(entry.shape)}; recompute the layout"
-            )
         hasher = xxhash.xxh3_64()
         if entry.nbytes and tensor.is_contiguous():
             source = tensor.reshape(-1).view(torch.uint8)

@@ -194,6 +194,13 @@ def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weight
             managers[p] = _manager(job_id, spare.node_id, -1, 2, num_nodes)
             ray.get(managers[p].assume_position.remote(p, list(range(num_nodes)), [p]))
         ray.get([m.set_peers.remote(managers) for m in managers.values()])
+        if same_weights:
+            # The survivor's own copy is the base of its replica parity: a flipped byte there
+            # fails the rebuilt ranks' checksums; the rebuild refuses, it restores nothing wrong.
+            ray.get(managers[2].corrupt.remote(2, 2, 100))
+            with pytest.raises(ray.exceptions.RayTaskError, match="does not verify"):
+                ray.get(managers[0].rebuild.remote(2, lost, meta))
+            ray.get(managers[2].corrupt.remote(2, 2, 100))  # flipped back
         ray.get([managers[p].rebuild.remote(2, lost, meta) for p in lost])
         for p in lost:
             assert np.array_equal(ray.get(managers[p].rank_shard.remote(p, 2)), expected[p])
