@@ -9,7 +9,11 @@ hosts buffers are registered with `cudaHostRegister` (pinned) when `pin_memory` 
 
 `TensorStore` gives every named tensor a 4 KiB-aligned region in one preallocated file (or in
 a host-memory arena for `offload.device: cpu`) and moves bytes between regions and buffers
-with futures; it counts the bytes it reads and writes.
+with futures; it counts the bytes it reads and writes. Transfers that touch the same bytes run
+in the order they were asked for (a read after a write sees the write, a write after a read
+does not change what the read sees, two writes land in order), whatever the back-end's threads
+do: a transfer that must wait is started by a small dispatcher thread once the earlier ones
+finished, so neither the caller nor the I/O threads block.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import os
 import shutil
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +185,10 @@ class TensorStore:
         self._counter_lock = threading.Lock()
         self._file: OpenFile | None = None
         self._arena: torch.Tensor | None = None
+        # (start, end, is_write, future) of transfers not known to be finished, in order.
+        self._in_flight: list[tuple[int, int, bool, Future]] = []
+        self._order_lock = threading.Lock()
+        self._dispatcher: ThreadPoolExecutor | None = None
         if device == "nvme":
             assert directory is not None
             self.path = os.path.join(directory, f"{name}.bin")
@@ -221,7 +229,9 @@ class TensorStore:
                     self._arena[region.offset : region.offset + region.padded_bytes]
                 )
             )
-        return self.aio.read(self._file, region.offset, target)
+        return self._ordered(
+            region, False, lambda: self.aio.read(self._file, region.offset, target)
+        )
 
     def write(self, region: Region, buffer: HostBuffer, buffer_offset: int = 0) -> Future:
         source = buffer.tensor[buffer_offset : buffer_offset + region.padded_bytes]
@@ -232,7 +242,32 @@ class TensorStore:
                     source
                 )
             )
-        return self.aio.write(self._file, region.offset, source)
+        return self._ordered(
+            region, True, lambda: self.aio.write(self._file, region.offset, source)
+        )
+
+    def _ordered(self, region: Region, is_write: bool, start) -> Future:
+        """Start the transfer `start()` once every earlier unfinished transfer that conflicts
+        with it (overlapping bytes, at least one of the two a write) has finished."""
+        begin, end = region.offset, region.offset + region.padded_bytes
+        with self._order_lock:
+            self._in_flight = [entry for entry in self._in_flight if not entry[3].done()]
+            earlier = [
+                future
+                for first, last, writes, future in self._in_flight
+                if first < end and begin < last and (writes or is_write)
+            ]
+            if not earlier:
+                future = start()
+            else:
+                if self._dispatcher is None:
+                    self._dispatcher = ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="stalwart-store-order"
+                    )
+                future = Future()
+                _start_after(earlier, start, future, self._dispatcher)
+            self._in_flight.append((begin, end, is_write, future))
+        return future
 
     def read_span(self, offset: int, num_bytes: int, buffer: HostBuffer) -> Future:
         """Read several adjacent regions at once (`num_bytes` a multiple of 4 KiB)."""
@@ -276,12 +311,56 @@ class TensorStore:
             self.bytes_written += written
 
     def close(self, remove: bool = False) -> None:
+        with self._order_lock:
+            pending = [entry[3] for entry in self._in_flight]
+            self._in_flight = []
+        for future in pending:  # nothing may touch the file once it is closed
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - its owner sees the error
+                pass
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown(wait=True)
+            self._dispatcher = None
         if self._file is not None:
             self._file.close()
             self._file = None
             if remove and self.path and os.path.exists(self.path):
                 os.remove(self.path)
         self._arena = None
+
+
+def _start_after(earlier: list[Future], start, future: Future, dispatcher) -> None:
+    """Run `start()` on `dispatcher` when every future in `earlier` is done (failed or not: the
+    failure belongs to its own caller) and pass its outcome on to `future`."""
+    remaining = [len(earlier)]
+    lock = threading.Lock()
+
+    def launch() -> None:
+        try:
+            inner = start()
+        except BaseException as error:  # noqa: BLE001 - delivered through the future
+            future.set_exception(error)
+            return
+        inner.add_done_callback(lambda done: _pass_on(done, future))
+
+    def one_done(_done_future: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            dispatcher.submit(launch)
+
+    for earlier_future in earlier:
+        earlier_future.add_done_callback(one_done)
+
+
+def _pass_on(source: Future, target: Future) -> None:
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
 
 
 def _done(action) -> Future:

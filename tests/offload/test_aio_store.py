@@ -1,6 +1,7 @@
 """Block I/O back-ends read back exactly what they wrote; the buffer pool never exceeds its budget."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -68,6 +69,85 @@ def test_libaio_round_trip(tmp_path):
     aio = make_aio(SETTINGS, backend="libaio", lockable_bytes=16 << 20)
     assert aio.name == "libaio"
     _round_trip(aio, tmp_path)
+    aio.close()
+
+
+class _SlowAio:
+    """Delegates to a real back-end after a per-kind delay, on its own threads: a transfer
+    asked for later can overtake an earlier one unless the store orders them."""
+
+    def __init__(self, inner, *, read_delay_s=0.0, write_delay_s=0.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inner, self.name = inner, inner.name
+        self.delays = {"read": read_delay_s, "write": write_delay_s}
+        self._threads = ThreadPoolExecutor(max_workers=4)
+
+    def allocate(self, num_bytes):
+        return self.inner.allocate(num_bytes)
+
+    def free(self, buffer):
+        self.inner.free(buffer)
+
+    def _later(self, kind, *args):
+        def run():
+            time.sleep(self.delays[kind])
+            getattr(self.inner, kind)(*args).result()
+
+        return self._threads.submit(run)
+
+    def read(self, file, offset, buffer):
+        return self._later("read", file, offset, buffer)
+
+    def write(self, file, offset, buffer):
+        return self._later("write", file, offset, buffer)
+
+    def close(self):
+        self._threads.shutdown(wait=True)
+        self.inner.close()
+
+
+def _filled(pool, size, value):
+    buffer = pool.acquire(size)
+    buffer.tensor.fill_(value)
+    return buffer
+
+
+@pytest.mark.parametrize("slow", ["write", "read"])
+def test_overlapping_transfers_run_in_the_order_asked(tmp_path, slow):
+    """Read-after-write sees the write, write-after-read does not change what the read got,
+    and two writes land in order, even when the back-end would finish them the other way
+    round; transfers of other regions do not wait."""
+    delay = 0.3
+    aio = _SlowAio(make_aio(SETTINGS, backend="threadpool"), **{f"{slow}_delay_s": delay})
+    store = TensorStore(aio, device="nvme", directory=str(tmp_path), name="ordered")
+    size = 3 * 4096
+    region, other = store.reserve(size), store.reserve(size)
+    store.open()
+    pool = HostBufferPool(aio, budget_bytes=1 << 20)
+    store.write(region, _filled(pool, size, 1)).result()
+    # Read after write, write after write.
+    store.write(region, _filled(pool, size, 2))
+    seen = _filled(pool, size, 0)
+    read = store.read(region, seen)
+    store.write(region, _filled(pool, size, 3))
+    # Write after read.
+    late = _filled(pool, size, 0)
+    read_again = store.read(region, late)
+    store.write(region, _filled(pool, size, 4))
+    # A region nobody else touches is not held up by the queue on `region`.
+    started = time.perf_counter()
+    store.write(other, _filled(pool, size, 9)).result()
+    assert time.perf_counter() - started < 3 * delay
+    read.result()
+    read_again.result()
+    assert torch.all(seen.tensor == 2)
+    assert torch.all(late.tensor == 3)
+    final = _filled(pool, size, 0)
+    store.read(region, final).result()
+    assert torch.all(final.tensor == 4)
+    store.close(remove=True)
+    pool.close()
     aio.close()
 
 
