@@ -22,6 +22,7 @@ position 0, in a background thread, while training goes on.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -38,6 +39,8 @@ from stalwart.erasure.layout import ErasureLayout, compute_parity, rebuild_shard
 from stalwart.snapshot import shm
 from stalwart.snapshot.state import SnapshotCorruptError
 from stalwart.snapshot.state import checksums as compute_checksums
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -710,10 +713,14 @@ class SnapshotManager:
         return fragments, attached
 
     def _rebuild_from_replica(
-        self, version: int, alive: set[int], shard_nbytes: int, out
+        self, version: int, alive: set[int], shard_nbytes: int, out, expected: list[tuple]
     ) -> memoryview | bytearray | None:
         """This position's shard from a survivor's replica parity of it: the survivor's own
-        copy with the differing entries patched in. None when no survivor holds one."""
+        copy with the differing entries patched in, verified against `expected` ((offset,
+        nbytes, layout, checksums) per rank). A holder whose copy does not verify (corrupted in
+        its memory) is passed over for the next one. None when no survivor holds a replica;
+        SnapshotCorruptError when some do and none verifies."""
+        refused = []
         for _, stripe in self.layout.data_placement(self.position):
             if stripe.num_data != 1:
                 return None
@@ -735,9 +742,27 @@ class SnapshotManager:
                     target[:] = base[:shard_nbytes]
                     for (offset, length), patch in zip(replica["ranges"], replica["patches"]):
                         target[offset : offset + length] = patch
-                    return shard
                 finally:
                     shards.close()
+                view = memoryview(shard)
+                if all(
+                    list(compute_checksums(layout, view[offset : offset + nbytes])) == sums
+                    for offset, nbytes, layout, sums in expected
+                ):
+                    return shard
+                refused.append(holder)
+                logger.warning(
+                    "position %d: the replica of version %d held by position %d does not "
+                    "verify; trying the next holder",
+                    self.position,
+                    version,
+                    holder,
+                )
+        if refused:
+            raise SnapshotCorruptError(
+                f"position {self.position}: version {version} rebuilt from the replicas held by "
+                f"positions {refused} does not verify (their copies are corrupt)"
+            )
         return None
 
     def rebuild(self, version: int, lost_positions: list[int], rank_meta: dict[int, dict]) -> dict:
@@ -759,7 +784,14 @@ class SnapshotManager:
             with self.cond:
                 self.register(mine[0], shard_nbytes)
                 out = self.regions[mine[0]][0].buffer[:shard_nbytes]
-        shard = self._rebuild_from_replica(version, alive, shard_nbytes, out)
+        expected, offset = [], 0
+        for rank in mine:
+            meta = rank_meta[rank]
+            layout = json.loads(meta["layout_json"])
+            expected.append((offset, meta["total_bytes"], layout, list(meta["checksums"])))
+            offset += meta["total_bytes"]
+        shard = self._rebuild_from_replica(version, alive, shard_nbytes, out, expected)
+        verified = shard is not None
         if shard is None:
             surviving_parity, attached = self._surviving_parity(version, alive)
             try:
@@ -790,7 +822,9 @@ class SnapshotManager:
                     ]
                 offset += meta["total_bytes"]
                 layout = json.loads(meta["layout_json"])
-                if list(compute_checksums(layout, region.buffer)) != list(meta["checksums"]):
+                if not verified and list(compute_checksums(layout, region.buffer)) != list(
+                    meta["checksums"]
+                ):
                     raise SnapshotCorruptError(
                         f"rebuilt rank {rank} of version {version} does not verify"
                     )

@@ -15,6 +15,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from stalwart.erasure.layout import ErasureLayout
 from stalwart.launch.cluster import connect
 from stalwart.snapshot import shm
 from stalwart.snapshot.manager import RemoteSnapshotManager
@@ -187,6 +188,20 @@ def test_replica_parity_holds_only_what_differs_and_rebuilds_exactly(same_weight
         lost = [0, 1]
         expected = {p: ray.get(managers[p].rank_shard.remote(p, 2)).copy() for p in lost}
         meta = ray.get(managers[2].version_meta.remote(2))
+        if same_weights:
+            # Position 0 alone rebuilt while positions 1 and 2 both hold a replica of it: the
+            # first holder's copy is corrupt, so the rebuild passes it over for the second.
+            [(_, stripe)] = ErasureLayout(list(range(num_nodes)), num_nodes, 2).data_placement(0)
+            first, _second = stripe.parity_holders
+            probe = _manager(job_id, nodes[num_nodes].node_id, -1, 2, num_nodes)
+            ray.get(probe.assume_position.remote(0, list(range(num_nodes)), [0]))
+            ray.get(probe.set_peers.remote({**managers, 0: probe}))
+            ray.get(managers[first].corrupt.remote(first, 2, 100))
+            ray.get(probe.rebuild.remote(2, [0], meta))
+            assert np.array_equal(ray.get(probe.rank_shard.remote(0, 2)), expected[0])
+            ray.get(managers[first].corrupt.remote(first, 2, 100))  # flipped back
+            ray.get(probe.shutdown.remote())
+            ray.kill(probe)
         for p in lost:
             cluster.remove_node(nodes[p].node_id)
         spare = nodes[num_nodes]
