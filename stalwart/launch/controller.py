@@ -362,6 +362,11 @@ class JobController:
             "standby_manager_takeovers": self.standby_manager_takeovers,
         }
 
+    def watch(self, refs: dict) -> Failure | None:
+        """Wait for every rank's call in `refs` ({rank: ref}), looking at the group every
+        POLL_S (see `check`): None when all finished, else the classified failure."""
+        return self._watch(refs)
+
     def _watch(self, refs: dict) -> Failure | None:
         pending = dict(refs)
         while pending:

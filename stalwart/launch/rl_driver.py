@@ -191,6 +191,7 @@ class PipelineDriver:
         log,
         resume_step: int | None = None,
         cluster=None,
+        kill_learner_in_warmup: int | None = None,
     ):
         if rollout_queue_depth < 1 or learner_queue_depth < 1:
             raise ValueError(
@@ -209,6 +210,7 @@ class PipelineDriver:
                 f"{', '.join(f'{k} ({v})' for k, v in RL_FAULTS.items())}"
             )
         self.kill_learner_at = set(kill_learner_at_steps)
+        self.kill_learner_in_warmup = kill_learner_in_warmup  # a rank, killed once
         if config.cluster.elastic:
             raise ValueError(
                 "cluster.elastic: true is not supported by stalwart rl (the learner group does "
@@ -223,6 +225,14 @@ class PipelineDriver:
                     f"node {event.node}; the learner has parallel.world_size {world_size} ranks "
                     f"on cluster.num_nodes {num_nodes} nodes"
                 )
+        if kill_learner_in_warmup is not None and not (
+            0 <= kill_learner_in_warmup < world_size and config.rl.warmup_sft_steps
+        ):
+            raise ValueError(
+                f"kill_learner_in_warmup={kill_learner_in_warmup}: needs a learner rank below "
+                f"parallel.world_size ({world_size}) and rl.warmup_sft_steps > 0 "
+                f"(it is {config.rl.warmup_sft_steps})"
+            )
         # Each with the rank / node it names (`_inject_faults`).
         self.fault_events = list(events)
         if any(e.kind == "kill_node" for e in events) and (cluster is None or not cluster.embedded):
@@ -312,14 +322,18 @@ class PipelineDriver:
         from stalwart.launch.cluster import ClusterHandle
         from stalwart.launch.controller import JobController
 
-        self.group = JobController(
-            self.config,
-            self.cluster if self.cluster is not None else ClusterHandle(),
-            self.run_dir,
-            log=self.log,
-            role="rl_learner",
-        )
-        self.group.durable_candidates = self._durable_candidates
+        def new_group() -> JobController:
+            group = JobController(
+                self.config,
+                self.cluster if self.cluster is not None else ClusterHandle(),
+                self.run_dir,
+                log=self.log,
+                role="rl_learner",
+            )
+            group.durable_candidates = self._durable_candidates
+            return group
+
+        self.group = new_group()
         start = 0
         if self.resume_step is not None:
             start = self._verified_checkpoint(
@@ -331,11 +345,7 @@ class PipelineDriver:
         else:
             self.group.start()
             if self.rl.warmup_sft_steps:
-                results = ray.get(
-                    list(self.group.submit("rl_warmup", self.rl.warmup_sft_steps).values())
-                )
-                self.record["warmup"] = results[0]
-                self.log(f"supervised warm-up: {self.record['warmup']}")
+                self._warm_up(new_group)
         if self.config.snapshot.enabled:
             ray.get(list(self.group.submit("rl_snapshot").values()))
             if not self._group_committed(start):
@@ -343,6 +353,39 @@ class PipelineDriver:
                     f"the snapshot managers did not commit the learner's version {start}"
                 )
         return start
+
+    def _warm_up(self, new_group) -> None:
+        """The supervised warm-up on every rank, watched like a training step. Nothing is
+        snapshotted before it ends, and every rank starts from the same seeded weights, so a
+        rank, manager or node lost during it restarts the group from its initial weights and
+        runs the warm-up again (at most cluster.max_recoveries times); the run record lists
+        each restart under `warmup_restarts`."""
+        from stalwart.launch.controller import JobFailed
+
+        restarts = self.record.setdefault("warmup_restarts", [])
+        while True:
+            refs = self.group.submit("rl_warmup", self.rl.warmup_sft_steps)
+            if self.kill_learner_in_warmup is not None:
+                rank, self.kill_learner_in_warmup = self.kill_learner_in_warmup, None
+                self._kill_learner_rank(rank, "during the supervised warm-up")
+            failure = self.group.watch(refs)
+            if failure is None:
+                break
+            if len(restarts) >= self.config.cluster.max_recoveries:
+                raise JobFailed(
+                    f"the supervised warm-up failed {len(restarts) + 1} times (cluster."
+                    f"max_recoveries {self.config.cluster.max_recoveries}): {failure.detail}"
+                )
+            restarts.append({"failure": failure.kind, "detail": failure.detail})
+            self.log(
+                f"supervised warm-up: {failure.kind} failure ({failure.detail}) before the first "
+                "snapshot; the learner group restarts from its initial weights"
+            )
+            self.group.shutdown()
+            self.group = new_group()
+            self.group.start()
+        self.record["warmup"] = ray.get(refs[0])
+        self.log(f"supervised warm-up: {self.record['warmup']}")
 
     def _group_committed(self, version: int) -> bool:
         """Wait up to COMMIT_WAIT_S for `version` to commit on every node of the group."""
@@ -589,17 +632,7 @@ class PipelineDriver:
         for event in events:
             self.kill_time = time.perf_counter()
             if event.kind == "kill_worker":
-                worker = group.workers[event.rank]
-                pid = ray.get(worker.pid.remote())
-                self.killed_pids.append(pid)
-                self.log(
-                    f"fault injection: SIGKILL learner rank {event.rank} (pid {pid}), step {step}"
-                )
-                if ray.get(worker.node_ip.remote()) == ray.util.get_node_ip_address():
-                    os.kill(pid, signal.SIGKILL)  # same host: now, not after a task starts
-                else:
-                    node_id = group.node_of[group.position_of_rank(event.rank)]
-                    ray.get(_sigkill.options(scheduling_strategy=_pin(node_id)).remote(pid))
+                self._kill_learner_rank(event.rank, f"step {step}")
                 continue
             position = event.node if event.node is not None else group.position_of_rank(event.rank)
             if event.kind == "kill_node":
@@ -608,6 +641,18 @@ class PipelineDriver:
             else:
                 self.log(f"fault injection: killing learner node {position}'s manager, step {step}")
                 ray.kill(group.managers[position], no_restart=True)
+
+    def _kill_learner_rank(self, rank: int, when: str) -> None:
+        group = self.group
+        worker = group.workers[rank]
+        pid = ray.get(worker.pid.remote())
+        self.killed_pids.append(pid)
+        self.log(f"fault injection: SIGKILL learner rank {rank} (pid {pid}), {when}")
+        if ray.get(worker.node_ip.remote()) == ray.util.get_node_ip_address():
+            os.kill(pid, signal.SIGKILL)  # same host: now, not after a task starts
+        else:
+            node_id = group.node_of[group.position_of_rank(rank)]
+            ray.get(_sigkill.options(scheduling_strategy=_pin(node_id)).remote(pid))
 
     def _check_group(self, error: Exception | None = None, force: bool = False) -> bool:
         """Ask the controller how the learner group is (every GROUP_POLL_S, at once when
@@ -920,12 +965,14 @@ def run_pipeline(
     log=print,
     resume_step: int | None = None,
     cluster=None,
+    kill_learner_in_warmup: int | None = None,
 ) -> dict[str, Any]:
     """Run RL to ``trainer.max_steps`` learner steps (or until ``time_budget_s`` of RL time);
     Ray must be initialised. `resume_step`: start from that durable checkpoint of the run
     directory instead of from scratch. Returns the run record (metrics, staleness, throughput,
     profile, recoveries, evals). Every actor and the snapshot memory are released before it
     returns. `cluster` (a `launch.cluster.ClusterHandle`) is needed only to inject kill_node.
+    `kill_learner_in_warmup`: SIGKILL that learner rank once, during the supervised warm-up.
     """
     driver = PipelineDriver(
         config,
@@ -937,6 +984,7 @@ def run_pipeline(
         log=log,
         resume_step=resume_step,
         cluster=cluster,
+        kill_learner_in_warmup=kill_learner_in_warmup,
     )
     try:
         driver.setup()

@@ -259,9 +259,12 @@ class TrainWorker:
 
     def rl_warmup(self, num_steps: int) -> dict:
         """Supervised warm-up; every rank runs the same seeded steps, so all end identical."""
-        result = self.trainer.warmup(num_steps)
+        result = self.trainer.warmup(num_steps, on_step=self._made_progress)
         self.last_progress_s = time.monotonic()
         return result
+
+    def _made_progress(self) -> None:
+        self.last_progress_s = time.monotonic()
 
     def rl_snapshot(self) -> int:
         """Snapshot the current version now and wait until the manager has it."""

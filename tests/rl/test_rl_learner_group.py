@@ -86,6 +86,20 @@ def test_killed_manager_is_restarted_and_the_run_goes_on(cluster, clean, tmp_pat
     assert record["snapshot_committed_version"] == STEPS
 
 
+def test_rank_killed_in_the_warm_up_restarts_the_group_from_its_initial_weights(
+    cluster, clean, tmp_path
+):
+    """Nothing is snapshotted before the supervised warm-up ends: a rank killed during it
+    restarts the whole group from the seeded initial weights, and the run ends as the
+    undisturbed one does."""
+    record = run(cluster, group_config(tmp_path), kill_learner_in_warmup=1)
+    assert [r["failure"] for r in record["warmup_restarts"]] == ["process"]
+    assert record["recoveries"] == []
+    assert record["num_learner_steps"] == STEPS
+    assert record["final_weights_xxh64"] == clean["final_weights_xxh64"]
+    assert clean["warmup_restarts"] == []
+
+
 def test_stopped_group_run_resumes_from_its_durable_checkpoint(cluster, clean, tmp_path):
     config = group_config(tmp_path)
     config.trainer.max_steps = 4

@@ -190,9 +190,10 @@ class RLLearner:
 
     # -- supervised warm-up ----------------------------------------------------------------------
 
-    def warmup(self, num_steps: int) -> dict[str, float]:
+    def warmup(self, num_steps: int, on_step=None) -> dict[str, float]:
         """Teacher-forced training on "prompt answer<EOS>" (loss on the answer tokens): a policy
-        that already solves some problems, as RL starts from a pretrained model."""
+        that already solves some problems, as RL starts from a pretrained model. `on_step()`
+        runs after each step (the worker reports progress with it)."""
         rl = self.config.rl
         for hook in self.before_optimizer_hooks:  # a snapshot in flight must finish copying
             hook(self.version)
@@ -224,6 +225,8 @@ class RLLearner:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             optimizer.step()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step()
         self.num_sft_steps += num_steps
         return {
             "sft_steps": float(num_steps),
