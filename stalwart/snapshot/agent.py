@@ -39,8 +39,8 @@ from stalwart.snapshot.state import (
     copy_and_checksum,
     copy_into,
     layout_tree,
+    restore_verified,
     unflatten,
-    verify,
 )
 
 # Tensors this small are cloned at capture time: cloning costs nothing and frees the background
@@ -478,12 +478,23 @@ def load_snapshot(
 ) -> None:
     """Restore `trainer` from a snapshot region: views over its bytes, copied in by load_state_dict.
 
-    With `checksums` the bytes are verified first (SnapshotCorruptError names a bad entry).
+    With `checksums` every entry is verified (SnapshotCorruptError names a bad one) in the same
+    pass that copies it: a trainer with `restore_targets()` (its live CPU tensors by snapshot
+    entry name) gets each large entry hashed and copied straight into its tensor, one read of
+    the region instead of a verify pass and a copy pass. A restore that fails verification may
+    have written part of the snapshot into those tensors: restore again from another copy.
     Small tensors (RNG states, step counters) are cloned rather than viewed.
     """
     layout = Layout.coerce(layout_json)
-    if checksums is not None:
-        verify(layout, region_buffer, checksums)
-    trainer.load_state_dict(
-        unflatten(layout, None, region_buffer, clone_below_bytes=SMALL_TENSOR_BYTES)
-    )
+    if checksums is None:
+        state = unflatten(layout, None, region_buffer, clone_below_bytes=SMALL_TENSOR_BYTES)
+    else:
+        targets = getattr(trainer, "restore_targets", None)
+        state = restore_verified(
+            layout,
+            region_buffer,
+            checksums,
+            targets() if targets is not None else None,
+            clone_below_bytes=SMALL_TENSOR_BYTES,
+        )
+    trainer.load_state_dict(state)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,6 +408,69 @@ def copy_and_checksum(
             hasher.update(memory[entry.offset : entry.offset + entry.nbytes])
         sums.append(hasher.intdigest())
     return sums
+
+
+def restore_verified(
+    layout: Layout | dict | str,
+    buffer: Buffer,
+    expected: Sequence[int],
+    targets: Mapping[str, torch.Tensor] | None = None,
+    *,
+    clone_below_bytes: int = 0,
+    piece_bytes: int = FUSED_PIECE_BYTES,
+) -> Any:
+    """`unflatten` and `verify` in one pass over `buffer`, for restoring into live tensors.
+
+    An entry with a contiguous CPU tensor of its name, dtype and shape in `targets` (the
+    tensors a restore would copy into anyway) is hashed and copied into it 1 MiB at a time,
+    each piece hashed while it is in cache, and that tensor stands for the entry in the tree
+    (so the consumer's own copy into it is a no-op). Every other entry is hashed and viewed,
+    as `verify` then `unflatten` would. SnapshotCorruptError names the first entry that fails;
+    targets written up to then hold bytes of the corrupt snapshot: restore again from another
+    copy before using them."""
+    layout = Layout.coerce(layout)
+    if len(expected) != len(layout.entries):
+        raise SnapshotCorruptError(
+            f"snapshot has {len(expected)} checksums for {len(layout.entries)} layout entries"
+        )
+    skeleton = layout.extra.get("skeleton")
+    if skeleton is None:
+        raise ValueError("restore_verified needs layout.extra['skeleton'] (see layout_tree)")
+    byte_view = _byte_tensor(buffer, layout.total_bytes)
+    memory = _as_memoryview(byte_view) if byte_view.numel() else memoryview(b"")
+    targets = targets or {}
+    tensors = []
+    for entry, want in zip(layout.entries, expected):
+        target = targets.get(entry.name)
+        fused = (
+            target is not None
+            and entry.nbytes > clone_below_bytes
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+            and dtype_name(target.dtype) == entry.dtype
+            and tuple(target.shape) == entry.shape
+        )
+        hasher = xxhash.xxh3_64()
+        if fused:
+            destination = target.detach().reshape(-1).view(torch.uint8)
+            for start in range(0, entry.nbytes, piece_bytes):
+                stop = min(start + piece_bytes, entry.nbytes)
+                hasher.update(memory[entry.offset + start : entry.offset + stop])
+                destination[start:stop].copy_(byte_view[entry.offset + start : entry.offset + stop])
+            tensor = target
+        else:
+            hasher.update(memory[entry.offset : entry.offset + entry.nbytes])
+            tensor = _region(byte_view, entry)
+            if entry.nbytes <= clone_below_bytes:
+                tensor = tensor.clone()
+        if hasher.intdigest() != int(want):
+            raise SnapshotCorruptError(
+                f"snapshot entry {entry.name!r} (bytes {entry.offset}..{entry.offset + entry.nbytes}) "
+                "fails its checksum; the region is corrupt, restore from another copy",
+                entry=entry.name,
+            )
+        tensors.append(tensor)
+    return _rebuild(skeleton, tensors)
 
 
 def _as_memoryview(buffer: Buffer) -> memoryview:

@@ -307,6 +307,19 @@ class Trainer:
 
         return quant_state_dict(parallel.unwrap(self.model))
 
+    def restore_targets(self) -> dict[str, torch.Tensor]:
+        """The live tensors `load_state_dict` copies a snapshot's entries into, by snapshot
+        entry name ("model/<param>", "optim/<param>/<key>"), so that a restore can verify and
+        copy each entry in one pass (`snapshot.agent.load_snapshot`). Empty when offloaded
+        (its state lives in the offload store)."""
+        if self.offload is not None:
+            return {}
+        targets = {f"model/{name}": tensor for name, tensor in self.named_local_parameters()}
+        for name, entries in self._optimizer_state().items():
+            for key, value in entries.items():
+                targets[f"optim/{name}/{key}"] = value
+        return targets
+
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Copy a state into this rank's tensors in place (same world size and strategy)."""
@@ -341,7 +354,7 @@ class Trainer:
                 if key not in slot:
                     template = parameter if value.dim() else None
                     slot[key] = (
-                        torch.zeros_like(template) if template is not None else value.clone()
+                        torch.empty_like(template) if template is not None else value.clone()
                     )
                 parallel.local_tensor(slot[key]).copy_(value)
 

@@ -136,6 +136,11 @@ def test_resume_from_snapshot_continues_bit_identical(tmp_path, job_id, device):
     final_second = cloned_state(second)
     assert final_second[1] == final_first[1]
     assert_tensors_equal(final_second[0], final_first[0])
+    # Restoring into a trainer with optimizer state copies into its live tensors, verified in
+    # the same pass (`Trainer.restore_targets`).
+    assert any(name.startswith("optim/") for name in first.restore_targets())
+    load_snapshot(first, region.buffer, layout_json, checksums)
+    assert_tensors_equal(cloned_state(first)[0], reference_at_snapshot[0])
     agent.close()
     region.close()
     assert first.after_step_hooks == [] and first.before_optimizer_hooks == []

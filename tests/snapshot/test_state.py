@@ -304,3 +304,43 @@ def test_fused_copy_and_checksum_equals_copy_then_checksums():
         assert sums == checksums(layout, expected)
     with pytest.raises(ValueError, match="layout says"):
         copy_and_checksum([("big", torch.zeros(3))] + tensors[1:], layout, actual)
+
+
+def test_restore_verified_copies_into_targets_and_catches_a_flipped_byte():
+    """One pass: entries with a matching target are hashed and copied into it (and the target
+    stands for them), the others are viewed (small ones cloned); the tree equals unflatten's;
+    a flipped byte in a copied or a viewed entry names that entry."""
+    from stalwart.snapshot.state import restore_verified
+
+    tree = realistic_tree()
+    tensors, layout, buffer = snapshot_bytes(tree)
+    sums = checksums(layout, buffer)
+    by_name = dict(tensors)
+    targets = {
+        "model/blocks.0.attn.wq.weight": torch.zeros(6, 5),
+        "optim/blocks.0.attn.wq.weight/exp_avg": torch.zeros(6, 5),
+        "model/blocks.0.mlp.w_up.weight": torch.zeros(3, 7),  # wrong dtype: viewed instead
+        "counts": torch.zeros(11, dtype=torch.int64),
+    }
+    for piece_bytes in (8, 1 << 20):
+        restored = restore_verified(layout, buffer, sums, targets, piece_bytes=piece_bytes)
+        assert_bit_equal(unflatten(layout, None, buffer), restored)
+        assert (
+            restored["model"]["blocks.0.attn.wq.weight"] is targets["model/blocks.0.attn.wq.weight"]
+        )
+        assert restored["counts"] is targets["counts"]
+        assert torch.equal(targets["counts"], by_name["counts"])
+        assert torch.equal(targets["model/blocks.0.mlp.w_up.weight"], torch.zeros(3, 7))
+        viewed = restored["model"]["blocks.0.mlp.w_up.weight"]
+        assert viewed.untyped_storage().data_ptr() == torch.from_numpy(buffer).data_ptr()
+    small = restore_verified(layout, buffer, sums, targets, clone_below_bytes=1 << 10)
+    assert small["counts"] is not targets["counts"]  # small entries are cloned, not copied in
+    entry = {e.name: e for e in layout.entries}
+    for name in ("optim/blocks.0.attn.wq.weight/exp_avg", "model/norm.weight"):
+        corrupt = buffer.copy()
+        corrupt[entry[name].offset + 3] ^= 0x10
+        with pytest.raises(SnapshotCorruptError, match="fails its checksum") as raised:
+            restore_verified(layout, corrupt, sums, targets, piece_bytes=8)
+        assert raised.value.entry == name
+    with pytest.raises(SnapshotCorruptError, match="checksums for"):
+        restore_verified(layout, buffer, sums[:-1], targets)
