@@ -168,7 +168,14 @@ class TrainWorker:
                     store=store,
                 )
             if prepared:
-                self.trainer.attach_process_group(self.rank, self.world_size)
+                # A restore sets every rank's parameters to the same version's bytes right
+                # after: DDP's broadcast of rank 0's would be overwritten unread.
+                restores = durable_step is not None or (
+                    manager is not None and config.snapshot.enabled and restore_version is not None
+                )
+                self.trainer.attach_process_group(
+                    self.rank, self.world_size, sync_parameters=not restores
+                )
             else:
                 self.trainer = self._build(rank=self.rank)
         restored_from = None

@@ -117,10 +117,14 @@ class Trainer:
             and pick_device(config.trainer.device, 0).type == "cpu"
         )
 
-    def attach_process_group(self, rank: int, world_size: int) -> None:
+    def attach_process_group(
+        self, rank: int, world_size: int, *, sync_parameters: bool = True
+    ) -> None:
         """Take rank `rank` of `world_size` in the process group initialised since this Trainer
         was built without one (a standby worker). Only wraps the model: the optimizer holds the
-        same parameters, and the rest of the state comes from the snapshot loaded next."""
+        same parameters, and the rest of the state comes from the snapshot loaded next.
+        `sync_parameters=False` skips DDP's broadcast of rank 0's parameters (the whole model
+        over the process group) when that snapshot sets every rank's to the same bytes."""
         if not self.can_attach_later(self.config):
             raise RuntimeError(
                 "attach_process_group needs a CPU Trainer with parallel.strategy ddp or none and "
@@ -134,6 +138,7 @@ class Trainer:
             self.config.parallel.strategy,
             self.device,
             fixed_buckets=self.config.parallel.fixed_buckets,
+            init_sync=sync_parameters,
         )
 
     # -----------------------------------------------------------------------------------------

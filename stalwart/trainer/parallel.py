@@ -83,7 +83,12 @@ def destroy_process_group() -> None:
 
 
 def parallelize(
-    model: nn.Module, strategy: str, device: torch.device, *, fixed_buckets: bool = True
+    model: nn.Module,
+    strategy: str,
+    device: torch.device,
+    *,
+    fixed_buckets: bool = True,
+    init_sync: bool = True,
 ) -> nn.Module:
     """Wrap the model for the chosen strategy; with one process (or 'none') it is returned as is.
 
@@ -98,6 +103,10 @@ def parallelize(
     costs one traversal of the autograd graph per step (and DDP logs a one-time notice that no
     unused parameter was found). Two ranks need none of this: a sum of two numbers has one
     order, so with two ranks DDP runs as it comes.
+
+    `init_sync=False` skips DDP's broadcast of rank 0's parameters at construction (the whole
+    model over the process group) for a caller that sets every rank's parameters to the same
+    bytes itself right after (a standby worker restoring a snapshot).
     """
     if strategy == "none" or not dist.is_initialized() or dist.get_world_size() == 1:
         return model
@@ -109,6 +118,7 @@ def parallelize(
             model,
             device_ids=device_ids,
             find_unused_parameters=fixed_buckets and dist.get_world_size() > 2,
+            init_sync=init_sync,
         )
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

@@ -113,7 +113,9 @@ class RLLearner:
         if state is not None:
             self.load_state(state)
 
-    def attach_process_group(self, rank: int, world_size: int) -> None:
+    def attach_process_group(
+        self, rank: int, world_size: int, *, sync_parameters: bool = True
+    ) -> None:
         """A learner built before it had a rank (a standby) takes its place in a group."""
         self.rank, self.world_size = rank, world_size
 
