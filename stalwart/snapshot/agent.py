@@ -489,12 +489,18 @@ def load_snapshot(
     if checksums is None:
         state = unflatten(layout, None, region_buffer, clone_below_bytes=SMALL_TENSOR_BYTES)
     else:
-        targets = getattr(trainer, "restore_targets", None)
         state = restore_verified(
             layout,
             region_buffer,
             checksums,
-            targets() if targets is not None else None,
+            restore_targets(trainer, layout),
             clone_below_bytes=SMALL_TENSOR_BYTES,
         )
     trainer.load_state_dict(state)
+
+
+def restore_targets(trainer: Any, layout: Layout) -> dict | None:
+    """The trainer's live tensors for `layout`'s entries (`Trainer.restore_targets`), if it
+    offers them."""
+    targets = getattr(trainer, "restore_targets", None)
+    return targets(layout.entries) if targets is not None else None

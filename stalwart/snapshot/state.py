@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -429,29 +429,16 @@ def restore_verified(
     targets written up to then hold bytes of the corrupt snapshot: restore again from another
     copy before using them."""
     layout = Layout.coerce(layout)
-    if len(expected) != len(layout.entries):
-        raise SnapshotCorruptError(
-            f"snapshot has {len(expected)} checksums for {len(layout.entries)} layout entries"
-        )
-    skeleton = layout.extra.get("skeleton")
-    if skeleton is None:
-        raise ValueError("restore_verified needs layout.extra['skeleton'] (see layout_tree)")
+    _check_count(layout, expected)
+    skeleton = _skeleton(layout, "restore_verified")
     byte_view = _byte_tensor(buffer, layout.total_bytes)
     memory = _as_memoryview(byte_view) if byte_view.numel() else memoryview(b"")
     targets = targets or {}
     tensors = []
     for entry, want in zip(layout.entries, expected):
         target = targets.get(entry.name)
-        fused = (
-            target is not None
-            and entry.nbytes > clone_below_bytes
-            and target.device.type == "cpu"
-            and target.is_contiguous()
-            and dtype_name(target.dtype) == entry.dtype
-            and tuple(target.shape) == entry.shape
-        )
         hasher = xxhash.xxh3_64()
-        if fused:
+        if _fits(target, entry, clone_below_bytes):
             destination = target.detach().reshape(-1).view(torch.uint8)
             for start in range(0, entry.nbytes, piece_bytes):
                 stop = min(start + piece_bytes, entry.nbytes)
@@ -463,14 +450,76 @@ def restore_verified(
             tensor = _region(byte_view, entry)
             if entry.nbytes <= clone_below_bytes:
                 tensor = tensor.clone()
-        if hasher.intdigest() != int(want):
-            raise SnapshotCorruptError(
-                f"snapshot entry {entry.name!r} (bytes {entry.offset}..{entry.offset + entry.nbytes}) "
-                "fails its checksum; the region is corrupt, restore from another copy",
-                entry=entry.name,
-            )
+        _check_entry(entry, hasher.intdigest(), want)
         tensors.append(tensor)
     return _rebuild(skeleton, tensors)
+
+
+def read_verified(
+    layout: Layout | dict | str,
+    read_into: Callable[[int, memoryview], None],
+    expected: Sequence[int],
+    targets: Mapping[str, torch.Tensor] | None = None,
+    *,
+    piece_bytes: int = FUSED_PIECE_BYTES,
+) -> Any:
+    """`restore_verified` for a snapshot read with `read_into(offset, memoryview)` (a region
+    file, without mapping it) instead of viewed: each entry is read 1 MiB at a time straight
+    into its contiguous CPU tensor in `targets` (name, dtype and shape matching) or else into a
+    new tensor, every piece hashed right after it lands. Same tree, same errors."""
+    layout = Layout.coerce(layout)
+    _check_count(layout, expected)
+    skeleton = _skeleton(layout, "read_verified")
+    targets = targets or {}
+    tensors = []
+    for entry, want in zip(layout.entries, expected):
+        target = targets.get(entry.name)
+        if not _fits(target, entry, 0):
+            target = torch.empty(entry.shape, dtype=entry.torch_dtype)
+        hasher = xxhash.xxh3_64()
+        if entry.nbytes:
+            destination = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy())
+            for start in range(0, entry.nbytes, piece_bytes):
+                piece = destination[start : min(start + piece_bytes, entry.nbytes)]
+                read_into(entry.offset + start, piece)
+                hasher.update(piece)
+        _check_entry(entry, hasher.intdigest(), want)
+        tensors.append(target)
+    return _rebuild(skeleton, tensors)
+
+
+def _fits(target: torch.Tensor | None, entry: LayoutEntry, clone_below_bytes: int) -> bool:
+    """Whether a restore may write `entry` straight into `target`."""
+    return (
+        target is not None
+        and entry.nbytes > clone_below_bytes
+        and target.device.type == "cpu"
+        and target.is_contiguous()
+        and dtype_name(target.dtype) == entry.dtype
+        and tuple(target.shape) == entry.shape
+    )
+
+
+def _check_count(layout: Layout, expected: Sequence[int]) -> None:
+    if len(expected) != len(layout.entries):
+        raise SnapshotCorruptError(
+            f"snapshot has {len(expected)} checksums for {len(layout.entries)} layout entries"
+        )
+
+
+def _skeleton(layout: Layout, caller: str) -> Any:
+    if "skeleton" not in layout.extra:
+        raise ValueError(f"{caller} needs layout.extra['skeleton'] (see layout_tree)")
+    return layout.extra["skeleton"]
+
+
+def _check_entry(entry: LayoutEntry, digest: int, want: int) -> None:
+    if digest != int(want):
+        raise SnapshotCorruptError(
+            f"snapshot entry {entry.name!r} (bytes {entry.offset}..{entry.offset + entry.nbytes}) "
+            "fails its checksum; the region is corrupt, restore from another copy",
+            entry=entry.name,
+        )
 
 
 def _as_memoryview(buffer: Buffer) -> memoryview:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -312,13 +312,31 @@ class Trainer:
 
         return quant_state_dict(parallel.unwrap(self.model))
 
-    def restore_targets(self) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def restore_targets(self, entries: Iterable = ()) -> dict[str, torch.Tensor]:
         """The live tensors `load_state_dict` copies a snapshot's entries into, by snapshot
         entry name ("model/<param>", "optim/<param>/<key>"), so that a restore can verify and
-        copy each entry in one pass (`snapshot.agent.load_snapshot`). Empty when offloaded
-        (its state lives in the offload store)."""
+        write each entry in one pass (`snapshot.agent.load_snapshot`, `snapshot.restore`).
+
+        `entries` (the snapshot's layout entries: name, shape, torch_dtype): AdamW state this
+        Trainer has not created yet (a fresh one) is allocated for them now, uninitialised, in
+        the snapshot's order, dtype and shape (as `load_state_dict` would, so a later snapshot
+        has the same layout). CPU parameters only. Empty when offloaded (its state lives in
+        the offload store)."""
         if self.offload is not None:
             return {}
+        named = dict(parallel.unwrap(self.model).named_parameters())
+        for entry in entries:
+            kind, _, rest = entry.name.partition("/")
+            name, _, key = rest.rpartition("/")
+            parameter = named.get(name)
+            if kind != "optim" or parameter is None or parameter.device.type != "cpu":
+                continue
+            if parallel.local_tensor(parameter) is not parameter:
+                continue  # sharded: load_state_dict builds its state
+            slot = self.optimizer.state.setdefault(parameter, {})
+            if key not in slot:
+                slot[key] = torch.empty(entry.shape, dtype=entry.torch_dtype)
         targets = {f"model/{name}": tensor for name, tensor in self.named_local_parameters()}
         for name, entries in self._optimizer_state().items():
             for key, value in entries.items():

@@ -75,6 +75,9 @@ class FakeManager:
         slot, layout_json, checksums = self.published[version]
         return self.regions[slot].name, layout_json, checksums
 
+    def slot_for(self, rank: int, version: int) -> tuple[str, str, list[int]]:
+        return self.record(version)
+
 
 @pytest.fixture
 def job_id():
@@ -266,6 +269,16 @@ def test_ray_actor_manager(tmp_path, job_id):
         restored = cloned_state(fresh)
         assert restored[1] == expected[1]
         assert_tensors_equal(restored[0], expected[0])
+        # The restore path of a recovery reads the slot with pread into the trainer's tensors:
+        # a fresh trainer (its AdamW moments allocated for the restore) and a trained one.
+        from stalwart.snapshot.restore import load_from_manager
+
+        trainer.train_step()
+        for target in (make_trainer(tmp_path), trainer):
+            load_from_manager(target, manager, 0, 2)
+            restored = cloned_state(target)
+            assert restored[1] == expected[1]
+            assert_tensors_equal(restored[0], expected[0])
         agent.close()
         region.close()
     finally:

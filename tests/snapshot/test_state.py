@@ -344,3 +344,38 @@ def test_restore_verified_copies_into_targets_and_catches_a_flipped_byte():
         assert raised.value.entry == name
     with pytest.raises(SnapshotCorruptError, match="checksums for"):
         restore_verified(layout, buffer, sums[:-1], targets)
+
+
+def test_read_verified_reads_a_region_file_into_targets_and_new_tensors(job_id):
+    """The pread path: the same tree as unflatten's, entries read into their targets (fused
+    ones) or into new tensors (never views of the region), a flipped byte named."""
+    from stalwart.snapshot.state import read_verified
+
+    tree = realistic_tree()
+    tensors, layout, buffer = snapshot_bytes(tree)
+    sums = checksums(layout, buffer)
+    name = f"{shm.job_prefix(job_id)}read"
+    region = shm.create_region(name, layout.total_bytes)
+    region.array[:] = buffer
+    target = torch.zeros(6, 5)
+    with shm.RegionReader(name) as reader:
+        for piece_bytes in (8, 1 << 20):
+            restored = read_verified(
+                layout,
+                reader.read_into,
+                sums,
+                {"optim/blocks.0.attn.wq.weight/exp_avg": target},
+                piece_bytes=piece_bytes,
+            )
+            assert_bit_equal(unflatten(layout, None, buffer), restored)
+            assert restored["optim"]["blocks.0.attn.wq.weight"]["exp_avg"] is target
+        region.array[layout.entries[0].offset] ^= 0x01
+        with pytest.raises(SnapshotCorruptError) as raised:
+            read_verified(layout, reader.read_into, sums)
+        assert raised.value.entry == layout.entries[0].name
+        region.array[layout.entries[0].offset] ^= 0x01
+        with pytest.raises(EOFError, match="ends at"):
+            reader.read_into(layout.total_bytes, memoryview(bytearray(100)))
+    restored["model"]["norm.weight"].add_(1.0)  # its own memory: the region is untouched
+    assert np.array_equal(region.array, buffer)
+    region.close()
