@@ -91,14 +91,20 @@ class TrainWorker:
             config.trainer.num_threads or max(1, int(config.cluster.cpus_per_worker))
         )
 
-    def _build(self, rank: int):
+    def _build(self, rank: int, *, sync_parameters: bool = True):
         if self.role == "rl_learner":
             from stalwart.trainer.rl.learner import RLLearner
 
             return RLLearner(self.config, rank=rank, world_size=self.world_size)
         from stalwart.trainer.loop import Trainer
 
-        return Trainer(self.config, rank=rank, world_size=self.world_size, run_dir=self.run_dir)
+        return Trainer(
+            self.config,
+            rank=rank,
+            world_size=self.world_size,
+            run_dir=self.run_dir,
+            sync_parameters=sync_parameters,
+        )
 
     def _step(self) -> int:
         """The rank's step: a Trainer's step count, an RL learner's weights version."""
@@ -167,17 +173,16 @@ class TrainWorker:
                     timeout_s=self._group_timeout_s(),
                     store=store,
                 )
+            # A restore sets every rank's parameters to the same version's bytes right after:
+            # DDP's broadcast of rank 0's would be overwritten unread. Standbys and fresh
+            # workers of one group decide alike (the broadcast is a collective).
+            restores = durable_step is not None or restore_version is not None
             if prepared:
-                # A restore sets every rank's parameters to the same version's bytes right
-                # after: DDP's broadcast of rank 0's would be overwritten unread.
-                restores = durable_step is not None or (
-                    manager is not None and config.snapshot.enabled and restore_version is not None
-                )
                 self.trainer.attach_process_group(
                     self.rank, self.world_size, sync_parameters=not restores
                 )
             else:
-                self.trainer = self._build(rank=self.rank)
+                self.trainer = self._build(rank=self.rank, sync_parameters=not restores)
         restored_from = None
         restore_started = time.perf_counter()
         if durable_step is not None:

@@ -48,7 +48,11 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         run_dir: str | Path | None = None,
+        sync_parameters: bool = True,
     ):
+        """`sync_parameters=False`: DDP skips its broadcast of rank 0's parameters at
+        construction, for a group whose every rank loads the same snapshot right after (all
+        ranks of a group must agree on it: it is a collective)."""
         self.config = config
         self.rank = rank
         self.world_size = world_size
@@ -82,6 +86,7 @@ class Trainer:
                 config.parallel.strategy,
                 self.device,
                 fixed_buckets=config.parallel.fixed_buckets,
+                init_sync=sync_parameters,
             )
             self.optimizer = build_optimizer(self.model, config.optim)
         self.schedule = WarmupCosine(
@@ -124,7 +129,8 @@ class Trainer:
         was built without one (a standby worker). Only wraps the model: the optimizer holds the
         same parameters, and the rest of the state comes from the snapshot loaded next.
         `sync_parameters=False` skips DDP's broadcast of rank 0's parameters (the whole model
-        over the process group) when that snapshot sets every rank's to the same bytes."""
+        over the process group) when that snapshot sets every rank's to the same bytes; every
+        rank of the group must pass the same (see `__init__`)."""
         if not self.can_attach_later(self.config):
             raise RuntimeError(
                 "attach_process_group needs a CPU Trainer with parallel.strategy ddp or none and "
