@@ -35,11 +35,12 @@ import torch
 from stalwart.snapshot import shm
 from stalwart.snapshot.state import (
     Layout,
+    buffer_reader,
     checksums,
     copy_and_checksum,
     copy_into,
     layout_tree,
-    restore_verified,
+    read_verified,
     unflatten,
 )
 
@@ -479,22 +480,20 @@ def load_snapshot(
     """Restore `trainer` from a snapshot region: views over its bytes, copied in by load_state_dict.
 
     With `checksums` every entry is verified (SnapshotCorruptError names a bad one) in the same
-    pass that copies it: a trainer with `restore_targets()` (its live CPU tensors by snapshot
-    entry name) gets each large entry hashed and copied straight into its tensor, one read of
-    the region instead of a verify pass and a copy pass. A restore that fails verification may
-    have written part of the snapshot into those tensors: restore again from another copy.
-    Small tensors (RNG states, step counters) are cloned rather than viewed.
+    pass that copies it (`state.read_verified`): a trainer with `restore_targets()` gets each
+    entry written straight into its live tensor. A restore that fails verification may have
+    written part of the snapshot into those tensors: restore again from another copy.
+    Without checksums, small tensors (RNG states, step counters) are cloned rather than viewed.
     """
     layout = Layout.coerce(layout_json)
     if checksums is None:
         state = unflatten(layout, None, region_buffer, clone_below_bytes=SMALL_TENSOR_BYTES)
     else:
-        state = restore_verified(
+        state = read_verified(
             layout,
-            region_buffer,
+            buffer_reader(region_buffer, layout.total_bytes),
             checksums,
             restore_targets(trainer, layout),
-            clone_below_bytes=SMALL_TENSOR_BYTES,
         )
     trainer.load_state_dict(state)
 

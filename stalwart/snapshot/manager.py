@@ -43,6 +43,16 @@ from stalwart.snapshot.state import checksums as compute_checksums
 logger = logging.getLogger(__name__)
 
 
+def _verifies(shard, expected: list[tuple]) -> bool:
+    """Whether every rank's bytes in a rebuilt `shard` match its checksums; `expected` holds
+    (offset, nbytes, layout, checksums) per rank."""
+    view = memoryview(shard)
+    return all(
+        list(compute_checksums(layout, view[offset : offset + nbytes])) == list(sums)
+        for offset, nbytes, layout, sums in expected
+    )
+
+
 @dataclass
 class RankVersion:
     slot: int
@@ -744,11 +754,7 @@ class SnapshotManager:
                         target[offset : offset + length] = patch
                 finally:
                     shards.close()
-                view = memoryview(shard)
-                if all(
-                    list(compute_checksums(layout, view[offset : offset + nbytes])) == sums
-                    for offset, nbytes, layout, sums in expected
-                ):
+                if _verifies(shard, expected):
                     return shard
                 refused.append(holder)
                 logger.warning(
@@ -791,7 +797,6 @@ class SnapshotManager:
             expected.append((offset, meta["total_bytes"], layout, list(meta["checksums"])))
             offset += meta["total_bytes"]
         shard = self._rebuild_from_replica(version, alive, shard_nbytes, out, expected)
-        verified = shard is not None
         if shard is None:
             surviving_parity, attached = self._surviving_parity(version, alive)
             try:
@@ -808,6 +813,10 @@ class SnapshotManager:
                 surviving_parity.clear()
                 for region in attached:
                     region.close()
+            if not _verifies(shard, expected):
+                raise SnapshotCorruptError(
+                    f"ranks {mine} of version {version} rebuilt from parity do not verify"
+                )
         view = memoryview(shard)
         offset = 0
         state = VersionState(encoded=False)
@@ -821,13 +830,6 @@ class SnapshotManager:
                         offset : offset + meta["total_bytes"]
                     ]
                 offset += meta["total_bytes"]
-                layout = json.loads(meta["layout_json"])
-                if not verified and list(compute_checksums(layout, region.buffer)) != list(
-                    meta["checksums"]
-                ):
-                    raise SnapshotCorruptError(
-                        f"rebuilt rank {rank} of version {version} does not verify"
-                    )
                 state.local[rank] = RankVersion(
                     0, meta["layout_json"], list(meta["checksums"]), meta["total_bytes"]
                 )

@@ -410,51 +410,6 @@ def copy_and_checksum(
     return sums
 
 
-def restore_verified(
-    layout: Layout | dict | str,
-    buffer: Buffer,
-    expected: Sequence[int],
-    targets: Mapping[str, torch.Tensor] | None = None,
-    *,
-    clone_below_bytes: int = 0,
-    piece_bytes: int = FUSED_PIECE_BYTES,
-) -> Any:
-    """`unflatten` and `verify` in one pass over `buffer`, for restoring into live tensors.
-
-    An entry with a contiguous CPU tensor of its name, dtype and shape in `targets` (the
-    tensors a restore would copy into anyway) is hashed and copied into it 1 MiB at a time,
-    each piece hashed while it is in cache, and that tensor stands for the entry in the tree
-    (so the consumer's own copy into it is a no-op). Every other entry is hashed and viewed,
-    as `verify` then `unflatten` would. SnapshotCorruptError names the first entry that fails;
-    targets written up to then hold bytes of the corrupt snapshot: restore again from another
-    copy before using them."""
-    layout = Layout.coerce(layout)
-    _check_count(layout, expected)
-    skeleton = _skeleton(layout, "restore_verified")
-    byte_view = _byte_tensor(buffer, layout.total_bytes)
-    memory = _as_memoryview(byte_view) if byte_view.numel() else memoryview(b"")
-    targets = targets or {}
-    tensors = []
-    for entry, want in zip(layout.entries, expected):
-        target = targets.get(entry.name)
-        hasher = xxhash.xxh3_64()
-        if _fits(target, entry, clone_below_bytes):
-            destination = target.detach().reshape(-1).view(torch.uint8)
-            for start in range(0, entry.nbytes, piece_bytes):
-                stop = min(start + piece_bytes, entry.nbytes)
-                hasher.update(memory[entry.offset + start : entry.offset + stop])
-                destination[start:stop].copy_(byte_view[entry.offset + start : entry.offset + stop])
-            tensor = target
-        else:
-            hasher.update(memory[entry.offset : entry.offset + entry.nbytes])
-            tensor = _region(byte_view, entry)
-            if entry.nbytes <= clone_below_bytes:
-                tensor = tensor.clone()
-        _check_entry(entry, hasher.intdigest(), want)
-        tensors.append(tensor)
-    return _rebuild(skeleton, tensors)
-
-
 def read_verified(
     layout: Layout | dict | str,
     read_into: Callable[[int, memoryview], None],
@@ -463,10 +418,14 @@ def read_verified(
     *,
     piece_bytes: int = FUSED_PIECE_BYTES,
 ) -> Any:
-    """`restore_verified` for a snapshot read with `read_into(offset, memoryview)` (a region
-    file, without mapping it) instead of viewed: each entry is read 1 MiB at a time straight
-    into its contiguous CPU tensor in `targets` (name, dtype and shape matching) or else into a
-    new tensor, every piece hashed right after it lands. Same tree, same errors."""
+    """`verify` and `unflatten` in one pass, for restoring into live tensors: each entry is read
+    with `read_into(offset, memoryview)` (`shm.RegionReader.read_into` for a region file,
+    without mapping it; `buffer_reader` for bytes in memory) 1 MiB at a time straight into its
+    contiguous CPU tensor in `targets` (name, dtype and shape matching; the tensors a restore
+    copies into anyway, so the consumer's own copy is then a no-op) or else into a new tensor,
+    every piece hashed right after it lands. SnapshotCorruptError names the first entry that
+    fails; targets written up to then hold bytes of the corrupt snapshot: restore again from
+    another copy before using them."""
     layout = Layout.coerce(layout)
     _check_count(layout, expected)
     skeleton = _skeleton(layout, "read_verified")
@@ -474,7 +433,7 @@ def read_verified(
     tensors = []
     for entry, want in zip(layout.entries, expected):
         target = targets.get(entry.name)
-        if not _fits(target, entry, 0):
+        if not _fits(target, entry):
             target = torch.empty(entry.shape, dtype=entry.torch_dtype)
         hasher = xxhash.xxh3_64()
         if entry.nbytes:
@@ -488,11 +447,20 @@ def read_verified(
     return _rebuild(skeleton, tensors)
 
 
-def _fits(target: torch.Tensor | None, entry: LayoutEntry, clone_below_bytes: int) -> bool:
+def buffer_reader(buffer: Buffer, total_bytes: int) -> Callable[[int, memoryview], None]:
+    """`read_verified`'s reader over bytes already in memory (a mapped region, an array)."""
+    memory = _as_memoryview(_byte_tensor(buffer, total_bytes)) if total_bytes else memoryview(b"")
+
+    def read_into(offset: int, target: memoryview) -> None:
+        target[:] = memory[offset : offset + len(target)]
+
+    return read_into
+
+
+def _fits(target: torch.Tensor | None, entry: LayoutEntry) -> bool:
     """Whether a restore may write `entry` straight into `target`."""
     return (
         target is not None
-        and entry.nbytes > clone_below_bytes
         and target.device.type == "cpu"
         and target.is_contiguous()
         and dtype_name(target.dtype) == entry.dtype

@@ -344,8 +344,8 @@ class Trainer:
             if key not in slot:
                 slot[key] = torch.empty(entry.shape, dtype=entry.torch_dtype)
         targets = {f"model/{name}": tensor for name, tensor in self.named_local_parameters()}
-        for name, entries in self._optimizer_state().items():
-            for key, value in entries.items():
+        for name, state in self._optimizer_state().items():
+            for key, value in state.items():
                 targets[f"optim/{name}/{key}"] = value
         return targets
 

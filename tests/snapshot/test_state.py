@@ -306,11 +306,11 @@ def test_fused_copy_and_checksum_equals_copy_then_checksums():
         copy_and_checksum([("big", torch.zeros(3))] + tensors[1:], layout, actual)
 
 
-def test_restore_verified_copies_into_targets_and_catches_a_flipped_byte():
-    """One pass: entries with a matching target are hashed and copied into it (and the target
-    stands for them), the others are viewed (small ones cloned); the tree equals unflatten's;
-    a flipped byte in a copied or a viewed entry names that entry."""
-    from stalwart.snapshot.state import restore_verified
+def test_read_verified_from_memory_copies_into_targets_and_catches_a_flipped_byte():
+    """One pass over bytes in memory: entries with a matching target are hashed and copied into
+    it (and the target stands for them), the others land in new tensors; the tree equals
+    unflatten's; a flipped byte in a copied or a new entry names that entry."""
+    from stalwart.snapshot.state import buffer_reader, read_verified
 
     tree = realistic_tree()
     tensors, layout, buffer = snapshot_bytes(tree)
@@ -319,11 +319,12 @@ def test_restore_verified_copies_into_targets_and_catches_a_flipped_byte():
     targets = {
         "model/blocks.0.attn.wq.weight": torch.zeros(6, 5),
         "optim/blocks.0.attn.wq.weight/exp_avg": torch.zeros(6, 5),
-        "model/blocks.0.mlp.w_up.weight": torch.zeros(3, 7),  # wrong dtype: viewed instead
+        "model/blocks.0.mlp.w_up.weight": torch.zeros(3, 7),  # wrong dtype: not written
         "counts": torch.zeros(11, dtype=torch.int64),
     }
+    reader = buffer_reader(buffer, layout.total_bytes)
     for piece_bytes in (8, 1 << 20):
-        restored = restore_verified(layout, buffer, sums, targets, piece_bytes=piece_bytes)
+        restored = read_verified(layout, reader, sums, targets, piece_bytes=piece_bytes)
         assert_bit_equal(unflatten(layout, None, buffer), restored)
         assert (
             restored["model"]["blocks.0.attn.wq.weight"] is targets["model/blocks.0.attn.wq.weight"]
@@ -331,19 +332,17 @@ def test_restore_verified_copies_into_targets_and_catches_a_flipped_byte():
         assert restored["counts"] is targets["counts"]
         assert torch.equal(targets["counts"], by_name["counts"])
         assert torch.equal(targets["model/blocks.0.mlp.w_up.weight"], torch.zeros(3, 7))
-        viewed = restored["model"]["blocks.0.mlp.w_up.weight"]
-        assert viewed.untyped_storage().data_ptr() == torch.from_numpy(buffer).data_ptr()
-    small = restore_verified(layout, buffer, sums, targets, clone_below_bytes=1 << 10)
-    assert small["counts"] is not targets["counts"]  # small entries are cloned, not copied in
     entry = {e.name: e for e in layout.entries}
     for name in ("optim/blocks.0.attn.wq.weight/exp_avg", "model/norm.weight"):
         corrupt = buffer.copy()
         corrupt[entry[name].offset + 3] ^= 0x10
         with pytest.raises(SnapshotCorruptError, match="fails its checksum") as raised:
-            restore_verified(layout, corrupt, sums, targets, piece_bytes=8)
+            read_verified(
+                layout, buffer_reader(corrupt, layout.total_bytes), sums, targets, piece_bytes=8
+            )
         assert raised.value.entry == name
     with pytest.raises(SnapshotCorruptError, match="checksums for"):
-        restore_verified(layout, buffer, sums[:-1], targets)
+        read_verified(layout, reader, sums[:-1], targets)
 
 
 def test_read_verified_reads_a_region_file_into_targets_and_new_tensors(job_id):
