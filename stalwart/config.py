@@ -196,7 +196,9 @@ class SnapshotConfig(Section):
     manager_num_threads: int = Field(1, ge=1, description="CPU threads a snapshot manager may use")
 
 
-FaultKind = Literal["kill_worker", "kill_node", "kill_manager", "hang_worker", "corrupt_fragment"]
+FaultKind = Literal[
+    "kill_worker", "kill_node", "kill_manager", "stall_manager", "hang_worker", "corrupt_fragment"
+]
 FaultPhase = Literal["forward", "backward", "optimizer", "snapshot", "exchange"]
 
 
@@ -206,6 +208,9 @@ class FaultEvent(Section):
     phase: FaultPhase = "forward"
     rank: int = Field(0, ge=0)
     node: int | None = Field(None, ge=0, description="node index for kill_node/kill_manager")
+    duration_s: float = Field(
+        8.0, gt=0, description="stall_manager: how long the manager answers nothing"
+    )
 
 
 class FaultsConfig(Section):

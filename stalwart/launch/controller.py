@@ -135,6 +135,7 @@ class JobController:
         self.max_step_seen = 0
         self._next_manager_check = 0.0
         self._manager_lost_reported = False  # a rank's agent saw its manager die
+        self._manager_silent_since: dict[int, float] = {}  # position -> first unanswered ping
         self.manager_restarts: list[dict] = []
         # Elastic shrink: where each new rank loads its state from, and the old managers that
         # serve it until the new worker group is up.
@@ -535,9 +536,26 @@ class JobController:
             return
         self._manager_lost_reported = False
         self._next_manager_check = time.monotonic() + MANAGER_CHECK_S
-        pings = self._call_all(self.managers, "ping")
+        verdicts = self._manager_verdicts(timeout_s=3.0)
+        now = time.monotonic()
+        for position, verdict in verdicts.items():
+            if verdict == "silent":
+                self._manager_silent_since.setdefault(position, now)
+            else:
+                self._manager_silent_since.pop(position, None)
+        # Only Ray's word (the actor died) or a long silence counts: a manager that is merely
+        # slow to answer (page-faulting gigabytes on a loaded host) holds committed snapshots
+        # that a replacement would throw away.
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
-        dead = [p for p, pong in pings.items() if pong is None and self.node_of[p] in alive_nodes]
+        dead = [
+            p
+            for p, verdict in verdicts.items()
+            if self.node_of[p] in alive_nodes
+            and (
+                verdict == "dead"
+                or (verdict == "silent" and now - self._manager_silent_since[p] >= DEAD_MANAGER_S)
+            )
+        ]
         # A manager dead *with* its workers means the node is going: the watcher handles that.
         dead = [
             p
@@ -551,7 +569,11 @@ class JobController:
         ]
         for position in dead:
             started = time.perf_counter()
-            self.log(f"snapshot manager at position {position} died: restarting it on its node")
+            how = "died" if verdicts[position] == "dead" else "stopped answering"
+            self.log(f"snapshot manager at position {position} {how}: restarting it on its node")
+            self._manager_silent_since.pop(position, None)
+            # A silent manager may still be running: it must not outlive its replacement.
+            ray.kill(self.managers[position], no_restart=True)
             manager = self._start_manager(position)
             ranks = self.ranks_of(position)
             # Queued before anything the ranks send it; the ranks switch at once (their next
@@ -611,6 +633,12 @@ class JobController:
                     f"fault: killing the snapshot manager at position {position} (step {step})"
                 )
                 ray.kill(self.managers[position], no_restart=True)
+            elif event["kind"] == "stall_manager":
+                self.log(
+                    f"fault: the snapshot manager at position {position} stops answering for "
+                    f"{event['duration_s']:.0f} s (step {step})"
+                )
+                self.managers[position].stall.remote(event["duration_s"])
             elif event["kind"] == "corrupt_fragment":
                 self._corrupt(position, event["rank"])
             self.workers[rank].release_fault.remote()
@@ -724,15 +752,24 @@ class JobController:
         """Positions whose manager is dead: its actor is gone (Ray says so), or it has not
         answered a ping within DEAD_MANAGER_S. A manager that is only slow (a busy 2-core
         machine) answers late and is not moved to a spare."""
+        verdicts = self._manager_verdicts(timeout_s=DEAD_MANAGER_S)
+        return sorted(p for p, verdict in verdicts.items() if verdict != "alive")
+
+    def _manager_verdicts(self, timeout_s: float) -> dict[int, str]:
+        """Ping every manager once, waiting at most `timeout_s`: "alive" (answered), "dead"
+        (Ray reports the actor died) or "silent" (no answer yet, or unreachable for now)."""
         refs = {position: manager.ping.remote() for position, manager in self.managers.items()}
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=DEAD_MANAGER_S)
-        dead = []
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        verdicts = {}
         for position, ref in refs.items():
             try:
                 ray.get(ref, timeout=0)
-            except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
-                dead.append(position)
-        return sorted(dead)
+                verdicts[position] = "alive"
+            except (ray.exceptions.ActorDiedError, RayTaskError):
+                verdicts[position] = "dead"
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                verdicts[position] = "silent"
+        return verdicts
 
     def _try_restore_point(
         self, lost: list[int], replaced: set[int]

@@ -3,7 +3,9 @@
 `faults.events` in the config lists what to break and when. Worker-side faults fire inside
 the step at the named phase (`kill_worker`: SIGKILL the worker process; `hang_worker`: stop
 forever, as a rank stuck in a collective would). Node, manager and fragment faults are
-carried out by the controller once the job reaches the step (see `launch/controller.py`).
+carried out by the controller once the job reaches the step (see `launch/controller.py`);
+`stall_manager` makes a live manager answer nothing for `duration_s`, as one starved of CPU
+would: it must not be taken for dead.
 
 `run_drill` trains the config once without faults and once with N random faults, and checks
 that the final parameters and optimizer state are bit-identical.
@@ -24,7 +26,10 @@ WORKER_FAULTS = ("kill_worker", "hang_worker")
 
 def fault_rank(event: dict, workers_per_node: int) -> int:
     """The rank whose step and phase time a fault: its own rank, or the first rank of its node."""
-    if event["kind"] in ("kill_node", "kill_manager") and event.get("node") is not None:
+    if (
+        event["kind"] in ("kill_node", "kill_manager", "stall_manager")
+        and event.get("node") is not None
+    ):
         return event["node"] * workers_per_node
     return event["rank"]
 

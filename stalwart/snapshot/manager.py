@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -198,6 +199,19 @@ class SnapshotManager:
 
     def ping(self) -> dict:
         return {"position": self.position, "committed": self.committed, "pid": _pid()}
+
+    def stall(self, seconds: float) -> None:
+        """Answer nothing for `seconds` (fault drills): hold the interpreter in a busy loop with
+        a switch interval longer than the stall, so no other call of this actor runs, as in a
+        manager starved of CPU or stuck page-faulting gigabytes."""
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(seconds + 1.0)
+        try:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                pass
+        finally:
+            sys.setswitchinterval(previous)
 
     def region_prefix(self) -> str:
         return f"stalwart-{self.job_id}-p{self.position}-{self.incarnation}"

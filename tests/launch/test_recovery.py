@@ -161,6 +161,29 @@ def test_manager_killed_alone_is_replaced_without_stopping_the_job(tmp_path, con
     _assert_identical(clean, summary)
 
 
+def test_a_manager_that_stops_answering_for_a_while_is_not_taken_for_dead(tmp_path, config_at):
+    """A live manager that answers nothing for 8 s (starved of CPU, page-faulting gigabytes)
+    keeps its place and its committed snapshots: the controller waits for Ray's word or a long
+    silence before replacing one, and a later worker kill restores from that manager's memory."""
+    longer = {"trainer": {"max_steps": 40, "batch_size": 8}}
+    clean = run_job(config_at(tmp_path / "clean", **longer), log=_quiet)
+    messages = []
+    faulted = _with_faults(
+        config_at(tmp_path / "faulted", **longer),
+        [
+            {"kind": "stall_manager", "step": 3, "node": 1, "duration_s": 8},
+            {"kind": "kill_worker", "step": 30, "phase": "forward", "rank": 1},
+        ],
+    )
+    summary = run_job(faulted, log=messages.append)
+    assert any("stops answering" in m for m in messages), messages
+    assert summary["manager_restarts"] == [], messages
+    recoveries = summary["recoveries"]
+    assert [(r.kind, r.source) for r in recoveries] == [("process", "memory")], messages
+    assert recoveries[0].lost_steps <= 2, recoveries[0].summary()
+    _assert_identical(clean, summary)
+
+
 def test_elastic_job_continues_on_the_surviving_node_when_no_spare_is_free(tmp_path, config_at):
     no_spare = {"cluster": {"num_spare_nodes": 0, "elastic": True}}
     clean = run_job(config_at(tmp_path / "clean", **no_spare), log=_quiet)
