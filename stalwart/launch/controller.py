@@ -45,6 +45,8 @@ MANAGER_CHECK_S = 2.0
 # removed together: its manager answers until its process notices the raylet is gone). A
 # manager that dies during a recovery sends it back to the assessment this many times.
 REASSESS_ATTEMPTS = 3
+# How often the controller checks that standby managers hold slots of the job's current size.
+RESERVE_CHECK_S = 10.0
 DEAD_MANAGER_S = 15.0  # a manager that answers nothing for this long during a recovery is dead
 
 
@@ -146,6 +148,8 @@ class JobController:
         self.standbys: dict[str, list] = {}  # node id -> standby workers (built or building)
         self.standby_managers: dict[str, object] = {}  # spare node id -> idle manager
         self.standby_manager_takeovers = 0
+        self._standby_reserved: dict[str, list[int]] = {}  # spare node id -> slot sizes reserved
+        self._next_reserve_check = 0.0
         self.use_standbys = self._standbys_possible(config, role)
         self.last_standby_ranks = 0
         self._refill_after_step: int | None = None  # refill the standbys once past this step
@@ -203,6 +207,7 @@ class JobController:
             active = set(self.node_of.values())
             for node_id in [n for n in self.standby_managers if n not in alive]:
                 _kill(self.standby_managers.pop(node_id))
+                self._standby_reserved.pop(node_id, None)
             for node_id in alive:
                 if node_id not in active and node_id not in self.standby_managers:
                     self.standby_managers[node_id] = self._new_manager(node_id, -1)
@@ -217,6 +222,28 @@ class JobController:
                 worker = self._new_worker(node_id, -1, -1, standby=True)
                 worker.prepare.remote()  # setup waits for it (the worker's build lock)
                 pool.append(worker)
+
+    def _reserve_standby_slots(self) -> None:
+        """Have every standby manager hold slots of the size one position's ranks use, so a
+        takeover copies the lost shard into memory that is already allocated (allocating
+        gigabytes of shared memory costs more than filling them). Sizes are known once the
+        ranks have registered; they are checked again every RESERVE_CHECK_S. A position whose
+        ranks differ in size from the first allocates on demand when it moves."""
+        if not self.standby_managers or time.monotonic() < self._next_reserve_check:
+            return
+        sizes = self._call_all(self.managers, "slot_sizes")
+        first = sizes.get(min(self.managers)) if self.managers else None
+        if not first:
+            return  # no rank has registered yet: ask again at the next check
+        self._next_reserve_check = time.monotonic() + RESERVE_CHECK_S
+        wanted = sorted(first.values())
+        for node_id, standby in self.standby_managers.items():
+            if self._standby_reserved.get(node_id) != wanted:
+                standby.reserve.remote(wanted)
+                self._standby_reserved[node_id] = wanted
+                self.log(
+                    f"standby manager on node {node_id[:8]}: reserving slots of {wanted} bytes"
+                )
 
     def _spare_nodes(self) -> list[str]:
         used = set(self.node_of.values())
@@ -242,6 +269,7 @@ class JobController:
     def _start_manager(self, position: int):
         """A manager for `position` on its node: the node's standby manager when it has one."""
         standby = self.standby_managers.pop(self.node_of[position], None)
+        self._standby_reserved.pop(self.node_of[position], None)
         if standby is not None:
             try:
                 ray.get(
@@ -400,6 +428,7 @@ class JobController:
             self._refill_standbys()
         self._controller_faults()
         self._replace_dead_managers()
+        self._reserve_standby_slots()
         alive_nodes = {node.node_id for node in self.cluster.alive_nodes()}
         gone = [p for p, node_id in self.node_of.items() if node_id not in alive_nodes]
         if gone:
@@ -942,9 +971,16 @@ class JobController:
         survivor = next(p for p in self.positions if p not in lost)
         try:
             meta = ray.get(self.managers[survivor].version_meta.remote(version), timeout=60)
-            ray.get(
+            reports = ray.get(
                 [self.managers[p].rebuild.remote(version, lost, meta) for p in lost], timeout=300
             )
+            for report in reports:
+                self.log(
+                    f"position {report['position']}: rebuilt {report['bytes'] / 2**20:.0f} MiB in "
+                    f"{report['rebuild_s']:.2f} s (slots "
+                    + ("reserved ahead" if report["reserved_slots"] else "allocated")
+                    + f" {report['allocate_s']:.2f} s)"
+                )
         except Exception as error:
             dead = self._dead_managers()
             if dead:

@@ -179,6 +179,11 @@ class SnapshotManager:
         self.parity_pool: dict[int, list[shm.Region]] = {}
         self._parity_region: dict[int, shm.Region] = {}
         self._num_parity_regions = 0
+        # A standby's slot pairs reserved ahead of a takeover (`reserve`), by size: fresh
+        # gigabytes of shared memory cost more to allocate (zeroing, page tables) than to fill.
+        self.reserved: dict[int, list[list[shm.Region]]] = {}
+        self._reserving = None  # the Future of the reservation in progress
+        self.reserved_ranks: set[int] = set()  # ranks whose slots came from a reservation
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -196,6 +201,63 @@ class SnapshotManager:
             self.positions = list(positions)
             self.ranks = sorted(ranks)
             self.layout = ErasureLayout(self.positions, self.layout.group_size, self.layout.parity)
+
+    def reserve(self, sizes: list[int]) -> None:
+        """On a standby manager: allocate a pair of slots for each of `sizes` (bytes per rank)
+        now, in the background, so that taking over a lost position costs a copy instead of
+        an allocation. `register` (and so `rebuild`) uses a pair of exactly the right size and
+        renames it; the rest is freed once the ranks are registered. A new call replaces the
+        reservation."""
+        with self.cond:
+            if self.position >= 0:
+                return  # already serving a position: reservations are for standbys
+            previous = self._reserving
+
+        def allocate():
+            if previous is not None:
+                previous.result()
+            wanted = sorted(int(n) for n in sizes if int(n) > 0)
+            with self.cond:
+                pool = self.reserved
+                self.reserved = {}
+            kept: dict[int, list[list[shm.Region]]] = {}
+            for nbytes in wanted:
+                pairs = pool.get(nbytes)
+                if pairs:
+                    kept.setdefault(nbytes, []).append(pairs.pop())
+                    continue
+                name = f"stalwart-{self.job_id}-standby-{self.incarnation}-{uuid.uuid4().hex[:6]}"
+                pair = [shm.create_region(f"{name}-s{slot}", nbytes) for slot in range(2)]
+                kept.setdefault(nbytes, []).append(pair)
+            _free_pairs(pool)
+            with self.cond:
+                if self.position >= 0 and self.regions:
+                    _free_pairs(kept)  # taken over meanwhile without them
+                else:
+                    self.reserved = kept
+
+        self._reserving = self.persister.submit(allocate)
+
+    def _await_reservation(self) -> None:
+        """Wait for a reservation in progress; call without holding `cond` (it takes it)."""
+        reserving = self._reserving
+        if reserving is None:
+            return
+        try:
+            reserving.result()
+        except Exception as error:  # out of memory, say: allocate on demand instead
+            logger.warning("standby slot reservation failed: %r", error)
+        if self._reserving is reserving:
+            self._reserving = None
+
+    def _take_reserved(self, nbytes: int) -> list[shm.Region] | None:
+        """A reserved slot pair of exactly `nbytes`, if one is there."""
+        pairs = self.reserved.get(nbytes)
+        return pairs.pop() if pairs else None
+
+    def _release_reserved(self) -> None:
+        pool, self.reserved = self.reserved, {}
+        _free_pairs(pool)
 
     def ping(self) -> dict:
         return {"position": self.position, "committed": self.committed, "pid": _pid()}
@@ -220,6 +282,7 @@ class SnapshotManager:
 
     def register(self, rank: int, total_bytes: int) -> list[str]:
         """Two slots for `rank`, sized for its state; re-registering keeps existing slots."""
+        self._await_reservation()
         with self.cond:
             existing = self.regions.get(rank)
             if existing and existing[0].nbytes == total_bytes:
@@ -229,11 +292,17 @@ class SnapshotManager:
                     f"rank {rank} re-registered with {total_bytes} bytes of state, but its committed "
                     f"snapshot has {existing[0].nbytes}: the model or optimizer shape changed"
                 )
-            regions = [
-                shm.create_region(f"{self.region_prefix()}-r{rank}-s{slot}", total_bytes)
-                for slot in range(2)
-            ]
+            names = [f"{self.region_prefix()}-r{rank}-s{slot}" for slot in range(2)]
+            regions = self._take_reserved(total_bytes)
+            if regions is not None:
+                for region, name in zip(regions, names):
+                    region.rename(name)
+                self.reserved_ranks.add(rank)
+            else:
+                regions = [shm.create_region(name, total_bytes) for name in names]
             self.regions[rank] = regions
+            if self.reserved and all(r in self.regions for r in self.ranks):
+                self._release_reserved()
             for slot in range(2):
                 self.slot_versions[(rank, slot)] = None
             return [region.name for region in regions]
@@ -647,6 +716,11 @@ class SnapshotManager:
                 "encode_s": self.encode_s,
             }
 
+    def slot_sizes(self) -> dict[int, int]:
+        """Bytes of each local rank's slots (what a standby reserves to take this place)."""
+        with self.cond:
+            return {rank: regions[0].nbytes for rank, regions in self.regions.items()}
+
     def version_meta(self, version: int) -> dict[int, dict]:
         """Every rank's layout for a committed (or locally complete) version."""
         with self.cond:
@@ -799,11 +873,14 @@ class SnapshotManager:
         shard_nbytes = sum(rank_meta[rank]["total_bytes"] for rank in mine)
         alive = set(self.positions) - set(lost_positions)
         out = None
+        self._await_reservation()
+        allocated = time.perf_counter()
         if len(mine) == 1:
             # One rank per node: decode straight into its slot, no intermediate gigabyte buffer.
             with self.cond:
                 self.register(mine[0], shard_nbytes)
                 out = self.regions[mine[0]][0].buffer[:shard_nbytes]
+        allocated = time.perf_counter() - allocated
         expected, offset = [], 0
         for rank in mine:
             meta = rank_meta[rank]
@@ -859,6 +936,8 @@ class SnapshotManager:
             "position": self.position,
             "bytes": shard_nbytes,
             "rebuild_s": time.perf_counter() - started,
+            "allocate_s": allocated,
+            "reserved_slots": all(rank in self.reserved_ranks for rank in mine),
         }
 
     # -- durable tier ------------------------------------------------------------------------
@@ -896,6 +975,8 @@ class SnapshotManager:
 
     def shutdown(self) -> None:
         self.encoder.shutdown(wait=False, cancel_futures=True)
+        self._await_reservation()
+        self._release_reserved()
         if self.durable is not None:
             self.durable.close()
         for regions in self.regions.values():
@@ -913,6 +994,14 @@ class SnapshotManager:
         for region in parity:
             region.close()
             region.unlink()
+
+
+def _free_pairs(pool: dict[int, list[list[shm.Region]]]) -> None:
+    for pairs in pool.values():
+        for pair in pairs:
+            for region in pair:
+                region.close()
+                region.unlink()
 
 
 def _pid() -> int:

@@ -125,6 +125,15 @@ class Region:
             # the last view is garbage-collected, so dropping our reference is enough.
             pass
 
+    def rename(self, name: str) -> None:
+        """Give the region a new name (the same memory, still mapped): a standby's reserved
+        region becomes a position's slot without a copy. Fails if the name exists."""
+        path = _path_of(name)
+        if path.exists():
+            raise FileExistsError(f"shared-memory region {name!r} already exists at {path}")
+        os.rename(self.path, path)
+        self.name, self.path = name, path
+
     def unlink(self) -> None:
         """Delete the region's name; the memory goes once every mapping of it is closed."""
         try:

@@ -71,9 +71,13 @@ def test_node_removed_recovers_from_parity_on_the_spare(reference, make_config):
         make_config(cluster={"standby_workers": True}),
         [{"kind": "kill_node", "step": 4, "node": 1}],
     )
-    summary = run_job(config, log=_quiet)
+    messages = []
+    summary = run_job(config, log=messages.append)
     kinds = [(r.kind, r.source) for r in summary["recoveries"]]
     assert kinds == [("node", "erasure")], kinds
+    # The spare's manager reserved slots of the job's size once the ranks registered (step 1),
+    # so the rebuild copied into memory allocated before the loss.
+    assert any("slots reserved ahead" in m for m in messages), messages
     # the spare node's standby takes the lost rank, the survivor's node's standby the other;
     # the manager already running on the spare takes the lost position
     assert summary["recoveries"][0].standby_ranks == 2

@@ -120,8 +120,13 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
         spare = nodes[NUM_NODES]
         # One spare here: the second replacement (parity 2) shares it, as two processes would.
         # The replacements are standby managers, started before they know their position.
+        # A standby reserves slots ahead of the loss: the first replacement's size matches
+        # and its slots are used (renamed); the second's does not, so it allocates on demand
+        # and the unused reservation is freed.
+        sizes = {p: int(expected[p].nbytes) for p in lost}
         for p in lost:
             managers[p] = _manager(job_id, spare.node_id, -1, parity)
+            ray.get(managers[p].reserve.remote([sizes[p] + 8 * p]))
             ray.get(managers[p].assume_position.remote(p, list(range(NUM_NODES)), [p]))
         with pytest.raises(ray.exceptions.RayTaskError, match="holds nothing"):
             ray.get(survivor.assume_position.remote(0, list(range(NUM_NODES)), [0]))
@@ -132,6 +137,9 @@ def test_lost_node_is_rebuilt_byte_identically_on_the_spare(parity):
             assert np.array_equal(rebuilt, expected[p]), f"position {p} rebuilt differently"
             assert ray.get(managers[p].verify_version.remote(3))
         assert all(report["bytes"] > 0 for report in reports)
+        assert [report["reserved_slots"] for report in reports] == [p == 0 for p in lost]
+        standby_prefix = f"stalwart-{job_id}-standby-"
+        assert not [f for f in shm.shm_dir().iterdir() if f.name.startswith(standby_prefix)]
         # The rebuilt managers hold parity again and take part in the next version.
         for p in lost:
             for region in regions.pop(p):
