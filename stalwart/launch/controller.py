@@ -1008,8 +1008,7 @@ class JobController:
         instead of failing the new workers' load."""
         from stalwart.snapshot.persist import newest_usable_step
 
-        candidates = self.durable_candidates() if self.durable_candidates else None
-        return newest_usable_step(self.run_dir, candidates, log=self.log)
+        return newest_usable_step(self.run_dir, self.durable_candidates, log=self.log)
 
     def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
         step = self._newest_durable()

@@ -565,24 +565,46 @@ def verify_checkpoint(
 
 
 def newest_usable_step(
-    root: str | Path, candidates: list[int] | None = None, log=None
+    root: str | Path, candidates: list[int] | Callable[[], list[int]] | None = None, log=None
 ) -> int | None:
     """The newest of ``candidates`` (default: every complete checkpoint, ``latest`` first) whose
     files all verify; each one that does not is reported through ``log`` and skipped. None when
-    none verifies."""
-    if candidates is None:
-        candidates = sorted(list_checkpoints(root), reverse=True)
-        pointed = latest_step(root)
-        if pointed is not None:
-            candidates = [pointed] + [s for s in candidates if s != pointed]
-    for step in candidates:
-        try:
-            verify_checkpoint(root, step)
-            return step
-        except (CheckpointCorruptError, OSError) as error:
-            if log is not None:
-                log(f"durable checkpoint of step {step} is unusable ({error}); trying older")
+    none verifies. ``candidates`` may be a function returning the list.
+
+    A writer may finish a newer checkpoint and prune the one being checked meanwhile (its
+    directory is gone): the candidates are then listed again, so the newer one is found instead
+    of falling back further."""
+    for _ in range(_RELIST_ATTEMPTS):
+        vanished = False
+        for step in _candidate_steps(root, candidates):
+            existed = checkpoint_dir(root, step).is_dir()
+            try:
+                verify_checkpoint(root, step)
+                return step
+            except (CheckpointCorruptError, OSError) as error:
+                if existed and not checkpoint_dir(root, step).is_dir():
+                    vanished = True  # pruned under us: a newer one was just completed
+                    break
+                if log is not None:
+                    log(f"durable checkpoint of step {step} is unusable ({error}); trying older")
+        if not vanished:
+            return None
     return None
+
+
+_RELIST_ATTEMPTS = 5
+
+
+def _candidate_steps(root: str | Path, candidates) -> list[int]:
+    if callable(candidates):
+        return list(candidates())
+    if candidates is not None:
+        return list(candidates)
+    steps = sorted(list_checkpoints(root), reverse=True)
+    pointed = latest_step(root)
+    if pointed is not None:
+        steps = [pointed] + [s for s in steps if s != pointed]
+    return steps
 
 
 def load_checkpoint(

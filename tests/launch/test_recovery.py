@@ -75,9 +75,11 @@ def test_node_removed_recovers_from_parity_on_the_spare(reference, make_config):
     summary = run_job(config, log=messages.append)
     kinds = [(r.kind, r.source) for r in summary["recoveries"]]
     assert kinds == [("node", "erasure")], kinds
-    # The spare's manager reserved slots of the job's size once the ranks registered (step 1),
-    # so the rebuild copied into memory allocated before the loss.
-    assert any("slots reserved ahead" in m for m in messages), messages
+    # The spare's manager was asked to reserve slots of the job's size once the ranks
+    # registered. Whether it had them before the loss depends on how soon the loss comes after
+    # the standby process started (bench/recovery.py shows the rebuild using them).
+    assert any("reserving slots of [" in m for m in messages), "\n".join(messages)
+    assert any(m.startswith("position 1: rebuilt") for m in messages), "\n".join(messages)
     # the spare node's standby takes the lost rank, the survivor's node's standby the other;
     # the manager already running on the spare takes the lost position
     assert summary["recoveries"][0].standby_ranks == 2

@@ -419,3 +419,33 @@ def test_cold_read_helper_advises_every_file(tmp_path):
         load_checkpoint(tmp_path).shards["b"][0].tobytes()
         == buffer[: layout["total_bytes"]].tobytes()
     )
+
+
+def test_newest_usable_step_lists_again_when_a_newer_checkpoint_prunes_the_one_it_checks(
+    tmp_path, monkeypatch
+):
+    """A recovery looks for the newest checkpoint while the managers are still writing one: the
+    writer completes step 4 and prunes step 2 (keep=1) between the listing and the check. The
+    choice must be step 4, not "nothing usable" (which would restart the job from step 0)."""
+    rng = np.random.default_rng(8)
+    buffer, layout = random_shard(rng)
+    shards = {"rank00000": (buffer, layout), "rank00001": (buffer, layout)}
+    write_checkpoint(tmp_path, 2, shards, {}, keep=1)
+    verify = persist.verify_checkpoint
+    calls = []
+
+    def verify_while_a_writer_finishes(root, step, **kwargs):
+        calls.append(step)
+        if len(calls) == 1:  # the writer lands step 4 and prunes step 2 under the check
+            write_checkpoint(tmp_path, 4, shards, {}, keep=1)
+        return verify(root, step, **kwargs)
+
+    monkeypatch.setattr(persist, "verify_checkpoint", verify_while_a_writer_finishes)
+    reports = []
+    assert persist.newest_usable_step(tmp_path, log=reports.append) == 4
+    assert calls == [2, 4] and reports == []
+    # An explicit candidate that never existed is reported and passed over, not retried.
+    assert persist.newest_usable_step(tmp_path, [9, 4], log=reports.append) == 4
+    assert len(reports) == 1 and "step 9" in reports[0]
+    # Candidates may come from a function, asked again after a prune.
+    assert persist.newest_usable_step(tmp_path, lambda: [4]) == 4
