@@ -123,6 +123,9 @@ class TrainWorker:
 
                 self._set_threads()
                 self.trainer = self._build(rank=0)
+                if self.config.snapshot.enabled:
+                    # A standby exists to take over a restore: map its optimizer state now.
+                    self.trainer.reserve_restore_memory()
                 self.prepared_s = time.perf_counter() - started
         return {"pid": os.getpid(), "build_s": self.prepared_s}
 

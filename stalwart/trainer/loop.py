@@ -101,6 +101,8 @@ class Trainer:
         )
         self.step = 0
         self.totals = {"tokens": 0, "skipped_steps": 0}
+        # Optimizer-state memory a standby touched ahead of a restore, by (shape, dtype).
+        self._reserved_state: dict[tuple, list[torch.Tensor]] = {}
         self.phase_hooks: list[Callable[[str, int], None]] = []
         self.before_optimizer_hooks: list[Callable[[int], None]] = []
         self.after_step_hooks: list[Callable[[int], None]] = []
@@ -181,6 +183,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
+        if self._reserved_state:
+            self._reserved_state = {}  # no restore came: the optimizer allocates its own state
         if self.offload is not None:
             return self._offloaded_train_step()
         started = time.perf_counter()
@@ -319,6 +323,28 @@ class Trainer:
         return quant_state_dict(parallel.unwrap(self.model))
 
     @torch.no_grad()
+    def reserve_restore_memory(self, tensors_per_parameter: int = 2) -> int:
+        """Allocate and touch, ahead of a restore, the memory the optimizer state will need
+        (`tensors_per_parameter` tensors shaped like each CPU parameter without state: AdamW's
+        two moments). A standby worker calls it while idle, so that `restore_targets` fills
+        memory that is already mapped instead of page-faulting a gigabyte inside a recovery.
+        Released at the first `train_step` if no restore comes. Returns the bytes reserved."""
+        if self.offload is not None:
+            return 0
+        pool: dict[tuple, list[torch.Tensor]] = {}
+        reserved = 0
+        for parameter in parallel.unwrap(self.model).parameters():
+            if parameter.device.type != "cpu" or parallel.local_tensor(parameter) is not parameter:
+                continue
+            if self.optimizer.state.get(parameter):
+                continue
+            for _ in range(tensors_per_parameter):
+                tensor = torch.zeros(parameter.shape, dtype=parameter.dtype)
+                pool.setdefault((tuple(parameter.shape), parameter.dtype), []).append(tensor)
+                reserved += tensor.nbytes
+        self._reserved_state = pool
+        return reserved
+
     def restore_targets(self, entries: Iterable = ()) -> dict[str, torch.Tensor]:
         """The live tensors `load_state_dict` copies a snapshot's entries into, by snapshot
         entry name ("model/<param>", "optim/<param>/<key>"), so that a restore can verify and
@@ -342,7 +368,11 @@ class Trainer:
                 continue  # sharded: load_state_dict builds its state
             slot = self.optimizer.state.setdefault(parameter, {})
             if key not in slot:
-                slot[key] = torch.empty(entry.shape, dtype=entry.torch_dtype)
+                pool = self._reserved_state.get((tuple(entry.shape), entry.torch_dtype))
+                slot[key] = (
+                    pool.pop() if pool else torch.empty(entry.shape, dtype=entry.torch_dtype)
+                )
+        self._reserved_state = {}
         targets = {f"model/{name}": tensor for name, tensor in self.named_local_parameters()}
         for name, state in self._optimizer_state().items():
             for key, value in state.items():

@@ -129,7 +129,18 @@ def test_resume_from_snapshot_continues_bit_identical(tmp_path, job_id, device):
         dict(first.named_local_parameters())["blocks.0.attn.wq.weight"],
     )
     region = shm.attach_region(region_name)
+    # A standby's trainer maps its optimizer-state memory ahead of the restore, which fills it.
+    assert second.reserve_restore_memory() > 0
+    reserved = {t.data_ptr() for pool in second._reserved_state.values() for t in pool}
     load_snapshot(second, region.buffer, layout_json, checksums)
+    moments = [
+        value
+        for state in second.optimizer.state.values()
+        for key, value in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    ]
+    assert moments and all(m.data_ptr() in reserved for m in moments)
+    assert second._reserved_state == {}
     restored = cloned_state(second)
     assert restored[1] == reference_at_snapshot[1]  # JSON parts: step, schedule, sampler, RNG
     assert_tensors_equal(restored[0], reference_at_snapshot[0])
@@ -302,3 +313,13 @@ def test_set_manager_names_the_first_version_sure_to_reach_the_replacement(tmp_p
     agent.close()
     shm.remove_regions(shm.job_prefix(job_id + "a"))
     shm.remove_regions(shm.job_prefix(job_id + "b"))
+
+
+def test_reserved_restore_memory_is_released_when_no_restore_comes(tmp_path):
+    """A standby that starts from scratch instead trains exactly like a fresh trainer."""
+    plain, standby = make_trainer(tmp_path / "a"), make_trainer(tmp_path / "b")
+    assert standby.reserve_restore_memory() > 0
+    losses = [(plain.train_step()["loss"], standby.train_step()["loss"]) for _ in range(3)]
+    assert standby._reserved_state == {}
+    assert all(a == b for a, b in losses)
+    assert_tensors_equal(cloned_state(standby)[0], cloned_state(plain)[0])
