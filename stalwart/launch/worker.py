@@ -27,6 +27,7 @@ import ray
 import torch
 
 from stalwart.config import config_from_dict
+from stalwart.snapshot import shm
 from stalwart.trainer import parallel
 
 ROLES = ("train", "rl_learner")
@@ -123,7 +124,9 @@ class TrainWorker:
 
                 self._set_threads()
                 self.trainer = self._build(rank=0)
-                if self.config.snapshot.enabled:
+                if self.config.snapshot.enabled and shm.can_reserve(
+                    2 * sum(p.nbytes for p in self.trainer.model.parameters())
+                ):
                     # A standby exists to take over a restore: map its optimizer state now.
                     self.trainer.reserve_restore_memory()
                 self.prepared_s = time.perf_counter() - started

@@ -220,6 +220,15 @@ class SnapshotManager:
             with self.cond:
                 pool = self.reserved
                 self.reserved = {}
+            held = sum(len(pairs) * 2 * n for n, pairs in pool.items())
+            if not shm.can_reserve(2 * sum(wanted) - held):
+                logger.warning(
+                    "standby manager: not reserving %d bytes of slots, the host would keep less "
+                    "than %.0f%% of its memory available; a takeover allocates them instead",
+                    2 * sum(wanted),
+                    100 * shm.RESERVE_HEADROOM_FRACTION,
+                )
+                wanted = []
             kept: dict[int, list[list[shm.Region]]] = {}
             for nbytes in wanted:
                 pairs = pool.get(nbytes)

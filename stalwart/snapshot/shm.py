@@ -148,6 +148,26 @@ class Region:
         self.close()
 
 
+# Memory reserved ahead of a failure (standby slots, standby optimizer state) must leave at
+# least this fraction of the host's memory available: a reservation never causes an OOM.
+RESERVE_HEADROOM_FRACTION = 0.25
+
+
+def can_reserve(nbytes: int) -> bool:
+    """Whether `nbytes` more can be set aside on this host and still leave
+    RESERVE_HEADROOM_FRACTION of its memory available (Linux /proc/meminfo; True elsewhere)."""
+    try:
+        fields = {}
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                key, _, value = line.partition(":")
+                fields[key] = int(value.split()[0]) * 1024
+        total, available = fields["MemTotal"], fields["MemAvailable"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return True
+    return available - nbytes >= RESERVE_HEADROOM_FRACTION * total
+
+
 def _path_of(name: str) -> Path:
     _check_name(name)
     return shm_dir() / name

@@ -378,3 +378,8 @@ def test_read_verified_reads_a_region_file_into_targets_and_new_tensors(job_id):
     restored["model"]["norm.weight"].add_(1.0)  # its own memory: the region is untouched
     assert np.array_equal(region.array, buffer)
     region.close()
+
+
+def test_reservations_keep_a_quarter_of_the_host_memory_available():
+    assert shm.can_reserve(0)
+    assert not shm.can_reserve(1 << 60)  # more than any host has
