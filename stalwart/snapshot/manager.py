@@ -230,15 +230,23 @@ class SnapshotManager:
                 )
                 wanted = []
             kept: dict[int, list[list[shm.Region]]] = {}
-            for nbytes in wanted:
-                pairs = pool.get(nbytes)
-                if pairs:
-                    kept.setdefault(nbytes, []).append(pairs.pop())
-                    continue
-                name = f"stalwart-{self.job_id}-standby-{self.incarnation}-{uuid.uuid4().hex[:6]}"
-                pair = [shm.create_region(f"{name}-s{slot}", nbytes) for slot in range(2)]
-                kept.setdefault(nbytes, []).append(pair)
-            _free_pairs(pool)
+            try:
+                for nbytes in wanted:
+                    pairs = pool.get(nbytes)
+                    if pairs:
+                        kept.setdefault(nbytes, []).append(pairs.pop())
+                        continue
+                    name = f"stalwart-{self.job_id}-standby-{self.incarnation}-"
+                    name += uuid.uuid4().hex[:6]
+                    pair = []
+                    kept.setdefault(nbytes, []).append(pair)
+                    for slot in range(2):
+                        pair.append(shm.create_region(f"{name}-s{slot}", nbytes))
+            except BaseException:
+                _free_pairs(kept)  # a full /dev/shm, say: hold nothing half-made
+                raise
+            finally:
+                _free_pairs(pool)
             with self.cond:
                 if self.position >= 0 and self.regions:
                     _free_pairs(kept)  # taken over meanwhile without them
