@@ -231,8 +231,10 @@ class JobController:
         ranks differ in size from the first allocates on demand when it moves."""
         if not self.standby_managers or time.monotonic() < self._next_reserve_check:
             return
-        sizes = self._call_all(self.managers, "slot_sizes")
-        first = sizes.get(min(self.managers)) if self.managers else None
+        if not self.managers:
+            return
+        position = min(self.managers)
+        first = self._call_all({position: self.managers[position]}, "slot_sizes")[position]
         if not first:
             return  # no rank has registered yet: ask again at the next check
         self._next_reserve_check = time.monotonic() + RESERVE_CHECK_S

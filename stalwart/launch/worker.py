@@ -124,11 +124,9 @@ class TrainWorker:
 
                 self._set_threads()
                 self.trainer = self._build(rank=0)
-                if self.config.snapshot.enabled and shm.can_reserve(
-                    2 * sum(p.nbytes for p in self.trainer.model.parameters())
-                ):
+                if self.config.snapshot.enabled:
                     # A standby exists to take over a restore: map its optimizer state now.
-                    self.trainer.reserve_restore_memory()
+                    self.trainer.reserve_restore_memory(fits=shm.can_reserve)
                 self.prepared_s = time.perf_counter() - started
         return {"pid": os.getpid(), "build_s": self.prepared_s}
 

@@ -564,6 +564,10 @@ def verify_checkpoint(
         _read_verified(file_path, nbytes, expected_hash, chunk_nbytes, keep=False)
 
 
+# How often `newest_usable_step` lists again when checkpoints are pruned under it.
+_RELIST_ATTEMPTS = 5
+
+
 def newest_usable_step(
     root: str | Path, candidates: list[int] | Callable[[], list[int]] | None = None, log=None
 ) -> int | None:
@@ -590,9 +594,6 @@ def newest_usable_step(
         if not vanished:
             return None
     return None
-
-
-_RELIST_ATTEMPTS = 5
 
 
 def _candidate_steps(root: str | Path, candidates) -> list[int]:

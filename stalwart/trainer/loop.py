@@ -322,29 +322,36 @@ class Trainer:
 
         return quant_state_dict(parallel.unwrap(self.model))
 
-    @torch.no_grad()
-    def reserve_restore_memory(self, tensors_per_parameter: int = 2) -> int:
+    def reserve_restore_memory(
+        self, fits: Callable[[int], bool] = lambda nbytes: True, tensors_per_parameter: int = 2
+    ) -> int:
         """Allocate and touch, ahead of a restore, the memory the optimizer state will need
         (`tensors_per_parameter` tensors shaped like each CPU parameter without state: AdamW's
-        two moments). A standby worker calls it while idle, so that `restore_targets` fills
-        memory that is already mapped instead of page-faulting a gigabyte inside a recovery.
-        Released at the first `train_step` if no restore comes. Returns the bytes reserved."""
+        two moments), if `fits(bytes)` allows it. A standby worker calls it while idle, so that
+        `restore_targets` fills memory that is already mapped instead of page-faulting a
+        gigabyte inside a recovery. Released at the first `train_step` if no restore comes.
+        Returns the bytes reserved."""
         if self.offload is not None:
             return 0
+        parameters = [
+            parameter
+            for parameter in parallel.unwrap(self.model).parameters()
+            if parameter.device.type == "cpu"
+            and parallel.local_tensor(parameter) is parameter
+            and not self.optimizer.state.get(parameter)
+        ]
+        nbytes = tensors_per_parameter * sum(parameter.nbytes for parameter in parameters)
+        if not fits(nbytes):
+            return 0
         pool: dict[tuple, list[torch.Tensor]] = {}
-        reserved = 0
-        for parameter in parallel.unwrap(self.model).parameters():
-            if parameter.device.type != "cpu" or parallel.local_tensor(parameter) is not parameter:
-                continue
-            if self.optimizer.state.get(parameter):
-                continue
+        for parameter in parameters:
+            key = (tuple(parameter.shape), parameter.dtype)
             for _ in range(tensors_per_parameter):
-                tensor = torch.zeros(parameter.shape, dtype=parameter.dtype)
-                pool.setdefault((tuple(parameter.shape), parameter.dtype), []).append(tensor)
-                reserved += tensor.nbytes
+                pool.setdefault(key, []).append(torch.zeros(parameter.shape, dtype=parameter.dtype))
         self._reserved_state = pool
-        return reserved
+        return nbytes
 
+    @torch.no_grad()
     def restore_targets(self, entries: Iterable = ()) -> dict[str, torch.Tensor]:
         """The live tensors `load_state_dict` copies a snapshot's entries into, by snapshot
         entry name ("model/<param>", "optim/<param>/<key>"), so that a restore can verify and

@@ -318,7 +318,12 @@ def test_set_manager_names_the_first_version_sure_to_reach_the_replacement(tmp_p
 def test_reserved_restore_memory_is_released_when_no_restore_comes(tmp_path):
     """A standby that starts from scratch instead trains exactly like a fresh trainer."""
     plain, standby = make_trainer(tmp_path / "a"), make_trainer(tmp_path / "b")
-    assert standby.reserve_restore_memory() > 0
+    asked = []
+    assert standby.reserve_restore_memory(fits=lambda n: asked.append(n) or False) == 0
+    assert standby._reserved_state == {}  # no room: nothing reserved
+    parameters = sum(p.nbytes for p in standby.model.parameters())
+    assert asked == [2 * parameters]  # AdamW's two moments per parameter
+    assert standby.reserve_restore_memory() == 2 * parameters
     losses = [(plain.train_step()["loss"], standby.train_step()["loss"]) for _ in range(3)]
     assert standby._reserved_state == {}
     assert all(a == b for a, b in losses)
