@@ -59,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="cluster.standby_workers: false (every recovery starts fresh worker processes)",
     )
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument(
+        "--shm-dir",
+        default="",
+        help="directory of the snapshot regions (snapshot.shm_dir; default /dev/shm); a tmpfs "
+        "mounted with huge=within_size gives them 2 MiB pages",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
         "--probe", nargs=3, metavar=("SOURCE", "CONFIG_JSON", "ARTIFACT"), help=argparse.SUPPRESS
@@ -299,6 +305,13 @@ def main(argv=None) -> dict:
         f"thread budget on {os.cpu_count()} cores: 2 ranks x 1 torch thread, 1 copy thread "
         "per rank, 1 encode thread per manager"
     )
+    from stalwart.snapshot import shm
+
+    if args.shm_dir:  # every process started from here (cluster, probes) inherits it
+        shm.check_dir(args.shm_dir)
+        os.environ[shm.SHM_DIR_ENV] = args.shm_dir
+    shm_info = shm.describe_dir()
+    print(shm.describe_text(shm_info))
     try:
         # Node faults fire from the controller's poll (every 0.5 s): a tiny model must run long
         # enough for the poll to see the fault step before the job ends.
@@ -376,6 +389,7 @@ def main(argv=None) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     result = {
         "num_params": num_params,
+        "shm": shm_info,
         "standby_workers": not args.no_standby,
         "state_bytes_per_rank": artifacts["state_bytes"],
         "recoveries": {

@@ -48,6 +48,8 @@ REASSESS_ATTEMPTS = 3
 # How often the controller checks that standby managers hold slots of the job's current size.
 RESERVE_CHECK_S = 10.0
 DEAD_MANAGER_S = 15.0  # a manager that answers nothing for this long during a recovery is dead
+# A durable fallback waits this long for checkpoint writes already underway (`settle_durable`).
+SETTLE_DURABLE_S = 60.0
 
 
 class JobFailed(RuntimeError):
@@ -156,6 +158,19 @@ class JobController:
         # Which durable checkpoints a fallback may use, newest first (None: any complete one);
         # the RL driver needs those that carry its pipeline state.
         self.durable_candidates = None
+        # Where the managers keep their regions (snapshot.shm_dir), in every process of the job.
+        from stalwart.snapshot import shm
+
+        env_vars = shm.env_vars(config.snapshot.shm_dir)
+        self._runtime_env = {"env_vars": env_vars} if env_vars else None
+        self._shm_dir = env_vars.get(shm.SHM_DIR_ENV)
+
+    def _remove_regions(self, prefix: str) -> None:
+        """Free the job's regions under `prefix` that lie on this host (all of them on an
+        embedded cluster; a node of a real cluster frees its own when its manager stops)."""
+        from stalwart.snapshot.shm import remove_regions
+
+        remove_regions(prefix, self._shm_dir)
 
     # -- placement -----------------------------------------------------------------------
 
@@ -181,6 +196,7 @@ class JobController:
     def _new_worker(self, node_id: str, rank: int, position: int, *, standby: bool = False):
         cluster_config = self.config.cluster
         return TrainWorker.options(
+            runtime_env=self._runtime_env,
             # A standby only waits; it takes the CPUs of the rank it replaces, which are free
             # by then (Ray's CPU count places actors, it does not confine them).
             num_cpus=0 if standby else cluster_config.cpus_per_worker,
@@ -264,6 +280,7 @@ class JobController:
         if self.config.snapshot.enabled:
             for position in self.positions:
                 self._start_manager(position)
+            self._check_managers_started()
             self._wire_managers()
         self._start_workers(restore_version=None, durable_step=resume_step)
         self._refill_standbys()
@@ -294,7 +311,9 @@ class JobController:
         from stalwart.snapshot.manager import RemoteSnapshotManager
 
         snapshot = self.config.snapshot
-        manager = RemoteSnapshotManager.options(scheduling_strategy=self._pin(node_id)).remote(
+        manager = RemoteSnapshotManager.options(
+            runtime_env=self._runtime_env, scheduling_strategy=self._pin(node_id)
+        ).remote(
             job_id=self.job_id,
             position=position,
             positions=self.positions,
@@ -308,6 +327,25 @@ class JobController:
             wait_timeout_s=self.config.cluster.hang_timeout_s,
         )
         return manager
+
+    def _check_managers_started(self) -> None:
+        """Every first manager is up (a bad snapshot.shm_dir fails here, before any training),
+        and the log says what holds the regions."""
+        from stalwart.snapshot.shm import describe_text
+
+        refs = {position: m.shm_info.remote() for position, m in self.managers.items()}
+        described = set()
+        for position, ref in refs.items():
+            try:
+                described.add(describe_text(ray.get(ref, timeout=120.0)))
+            except RayActorError as error:
+                lines = str(error).strip().splitlines()
+                raise JobFailed(
+                    f"the snapshot manager at position {position} did not start: "
+                    f"{lines[-1] if lines else type(error).__name__}"
+                ) from None
+        for line in sorted(described):
+            self.log(line)
 
     def _wire_managers(self) -> None:
         self._call_all(self.managers, "set_peers", self.managers, timeout_s=30.0)
@@ -834,15 +872,13 @@ class JobController:
             )
             return self._rebuild(version, corrupt, f"rebuilt corrupt copies at positions {corrupt}")
         # Node (or manager) loss: replace the lost positions.
-        from stalwart.snapshot.shm import remove_regions
-
         to_replace = [p for p in lost if p not in replaced]
         if self.config.cluster.elastic and len(self._spare_nodes()) < len(to_replace):
             if len(self._spare_nodes()) < len(self._departed(to_replace)):
                 return self._shrink(version, lost, corrupt)
         for position in to_replace:
             # On an embedded cluster the lost node's memory lies on this host: free it.
-            remove_regions(f"stalwart-{self.job_id}-p{position}-")
+            self._remove_regions(f"stalwart-{self.job_id}-p{position}-")
             spare = self._take_node(position)
             self.node_of[position] = spare
             self._start_manager(position)
@@ -924,10 +960,8 @@ class JobController:
             "results match the full-size run to rounding, not bit for bit"
         )
         self.log(detail)
-        from stalwart.snapshot.shm import remove_regions
-
         for position in lost:  # a lost node's memory lies on this host on an embedded cluster
-            remove_regions(f"stalwart-{self.job_id}-p{position}-")
+            self._remove_regions(f"stalwart-{self.job_id}-p{position}-")
         self._retiring_managers = {p: m for p, m in self.managers.items() if p not in lost}
         self.node_of = {i: self.node_of[old] for i, old in enumerate(kept)}
         self.positions = list(range(keep))
@@ -940,8 +974,6 @@ class JobController:
 
     def _retire_managers(self) -> None:
         """Stop the managers of the layout before an elastic shrink (their state is loaded)."""
-        from stalwart.snapshot.shm import remove_regions
-
         retiring, self._retiring_managers = self._retiring_managers, {}
         for manager in retiring.values():
             try:
@@ -953,7 +985,7 @@ class JobController:
             except Exception:
                 pass
             if prefix:
-                remove_regions(prefix + "-")
+                self._remove_regions(prefix + "-")
 
     def _rebuild(
         self, version: int, lost: list[int], detail: str
@@ -1004,6 +1036,34 @@ class JobController:
                 )
             time.sleep(1.0)
 
+    def _settle_durable_writes(self) -> None:
+        """Before a durable checkpoint is chosen, the managers' writes already underway finish:
+        one landing after the choice would prune the chosen checkpoint (`snapshot.keep`) while
+        the new workers load it. It also makes the newest checkpoint usable, so fewer steps are
+        lost. A manager that does not finish within SETTLE_DURABLE_S, or does not answer, is
+        stopped, its write with it (an unfinished write leaves only a temporary directory,
+        never listed), and replaced like a dead one."""
+        if not self.managers:
+            return
+        settled = self._call_all(
+            self.managers, "settle_durable", SETTLE_DURABLE_S, timeout_s=SETTLE_DURABLE_S + 5.0
+        )
+        for position, done in settled.items():
+            if done:
+                continue
+            manager = self.managers[position]
+            if done is False:
+                why = f"did not finish its durable writes within {SETTLE_DURABLE_S:.0f} s"
+            elif _is_dead(manager):
+                continue  # a lost one: nothing of it can still write
+            else:
+                why = "does not answer"
+            self.log(
+                f"snapshot manager at position {position} {why}: stopping it before choosing "
+                "a durable checkpoint"
+            )
+            _kill_and_wait(manager, timeout_s=10.0)
+
     def _newest_durable(self) -> int | None:
         """The newest durable checkpoint (of `durable_candidates`, if set) whose every file
         verifies: a corrupt or half-deleted one is reported and the next older one used,
@@ -1013,6 +1073,7 @@ class JobController:
         return newest_usable_step(self.run_dir, self.durable_candidates, log=self.log)
 
     def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
+        self._settle_durable_writes()
         step = self._newest_durable()
         self._call_all(self.managers, "reset", timeout_s=30.0)  # a dead one is replaced later
         if step is None:
@@ -1053,9 +1114,7 @@ class JobController:
                 pass
             ray.kill(manager, no_restart=True)
         self.workers, self.managers = {}, {}
-        from stalwart.snapshot.shm import remove_regions
-
-        remove_regions(f"stalwart-{self.job_id}-")
+        self._remove_regions(f"stalwart-{self.job_id}-")
 
 
 def _kill(actor) -> None:
@@ -1063,6 +1122,33 @@ def _kill(actor) -> None:
         ray.kill(actor, no_restart=True)
     except Exception:  # already gone
         pass
+
+
+def _is_dead(actor, timeout_s: float = 1.0) -> bool:
+    """Whether Ray reports `actor` dead (a live but busy or unreachable one is not)."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+    except ray.exceptions.ActorDiedError:
+        return True
+    except Exception:  # a timeout: alive as far as anyone knows
+        return False
+    return False
+
+
+def _kill_and_wait(actor, timeout_s: float) -> bool:
+    """Kill `actor` and wait (up to `timeout_s`) until Ray reports it dead: ray.kill returns
+    before the process is gone. True once it is."""
+    _kill(actor)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.ActorDiedError:
+            return True
+        except Exception:  # a timeout: ask again
+            pass
+        time.sleep(0.05)
+    return False
 
 
 def _gather(refs: dict, timeout_s: float) -> dict:

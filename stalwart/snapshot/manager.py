@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -144,6 +145,9 @@ class SnapshotManager:
         num_threads: int = 1,
         wait_timeout_s: float = 60.0,
     ):
+        configured = os.environ.get(shm.SHM_DIR_ENV)
+        if configured:
+            shm.check_dir(configured)  # a typo fails here, not as regions on some other disk
         self.job_id = job_id
         self.position = position
         self.positions = list(positions)
@@ -278,6 +282,10 @@ class SnapshotManager:
 
     def ping(self) -> dict:
         return {"position": self.position, "committed": self.committed, "pid": _pid()}
+
+    def shm_info(self) -> dict:
+        """What backs this node's regions (`shm.describe_dir`)."""
+        return shm.describe_dir()
 
     def stall(self, seconds: float) -> None:
         """Answer nothing for `seconds` (fault drills): hold the interpreter in a busy loop with
@@ -989,6 +997,19 @@ class SnapshotManager:
         self.persister.submit(lambda: None).result(timeout_s)
         if self.durable is not None:
             self.durable.flush(timeout_s)
+
+    def settle_durable(self, timeout_s: float) -> bool:
+        """Finish the durable writes already underway, within `timeout_s`: a recovery about to
+        choose a checkpoint must not have one land (and prune older ones) under its choice.
+        True when none is left running."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.persister.submit(lambda: None).result(timeout_s)
+            if self.durable is not None:
+                self.durable.flush(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return False
+        return True
 
     def shutdown(self) -> None:
         self.encoder.shutdown(wait=False, cancel_futures=True)

@@ -1,7 +1,10 @@
 """Named shared-memory regions that outlive the processes writing into them.
 
 A region is a file under `/dev/shm` (a RAM-backed tmpfs; elsewhere a directory under the temp
-dir, or `$STALWART_SHM_DIR`) mapped with `mmap`. The snapshot manager creates a job's regions and
+dir, or `$STALWART_SHM_DIR`, which `snapshot.shm_dir` sets for a job's processes) mapped with
+`mmap`. On a tmpfs mounted with `huge=within_size` (or `always`) a region is made of 2 MiB pages:
+creating, reading and unmapping one then cost a few hundredths of what 4 KiB pages cost
+(`describe_dir` says which kind a directory has). The snapshot manager creates a job's regions and
 trainers attach to them. Unlike `multiprocessing.shared_memory`, attaching registers nothing with
 a resource tracker: when a trainer dies (even by SIGKILL) the region and the snapshot in it stay,
 which is the whole point. Only `Region.unlink()` or `remove_regions(prefix)` deletes one.
@@ -29,9 +32,12 @@ _CUDA_HOST_REGISTER_PORTABLE = 1
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only
 
 
+SHM_DIR_ENV = "STALWART_SHM_DIR"
+
+
 def shm_dir() -> Path:
     """Where regions live: $STALWART_SHM_DIR, else /dev/shm, else <tmp>/stalwart-shm."""
-    configured = os.environ.get("STALWART_SHM_DIR")
+    configured = os.environ.get(SHM_DIR_ENV)
     if configured:
         path = Path(configured)
     elif os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
@@ -40,6 +46,99 @@ def shm_dir() -> Path:
         path = Path(tempfile.gettempdir()) / "stalwart-shm"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def env_vars(configured: str = "") -> dict[str, str]:
+    """The environment a job's remote processes need to find its regions: `configured`
+    (`snapshot.shm_dir`) or this process's $STALWART_SHM_DIR; empty for the default."""
+    directory = configured or os.environ.get(SHM_DIR_ENV, "")
+    return {SHM_DIR_ENV: directory} if directory else {}
+
+
+def check_dir(directory: str | Path) -> Path:
+    """`directory` if it exists and this process may create files in it; else a ValueError that
+    names `snapshot.shm_dir` and the fix."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise ValueError(
+            f"snapshot.shm_dir={str(directory)!r} is not a directory on this node: create it on "
+            "every node (a tmpfs: mount -t tmpfs -o huge=within_size,size=<bytes> tmpfs <dir>) "
+            "or leave snapshot.shm_dir empty for /dev/shm"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"snapshot.shm_dir={str(directory)!r} is not writable by this process (uid "
+            f"{os.getuid()}): change its permissions or choose another directory"
+        )
+    return path
+
+
+# Filesystems whose files live in memory: a region elsewhere is paged to a disk.
+_RAM_FILESYSTEMS = {"tmpfs", "ramfs", "hugetlbfs"}
+
+
+def describe_dir(directory: str | Path | None = None, mountinfo: str | None = None) -> dict:
+    """What backs `directory` (default `shm_dir()`): {"path", "fs_type", "in_memory",
+    "huge_pages"}. `huge_pages` is the tmpfs `huge=` mount option ("never" when absent; a
+    hugetlbfs mount counts as "always"), None when unknown. `mountinfo`: the text of
+    /proc/self/mountinfo (read when None; on a system without it, everything is unknown)."""
+    path = os.path.realpath(directory if directory is not None else shm_dir())
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo") as handle:
+                mountinfo = handle.read()
+        except OSError:
+            mountinfo = ""
+    best: tuple[str, str, str] | None = None  # mount point, fs type, super options
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        _, _, tail = line.partition(" - ")
+        tail_fields = tail.split()
+        if len(tail_fields) < 3:
+            continue
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        # The longest mount point holding the path wins; of equal ones, the last (on top).
+        if inside and (best is None or len(mount_point) >= len(best[0])):
+            best = (mount_point, tail_fields[0], tail_fields[2])
+    if best is None:
+        return {"path": path, "fs_type": None, "in_memory": None, "huge_pages": None}
+    _, fs_type, options = best
+    huge = None
+    if fs_type == "tmpfs":
+        huge = "never"
+        for option in options.split(","):
+            if option.startswith("huge="):
+                huge = option.partition("=")[2]
+    elif fs_type == "hugetlbfs":
+        huge = "always"
+    return {
+        "path": path,
+        "fs_type": fs_type,
+        "in_memory": fs_type in _RAM_FILESYSTEMS,
+        "huge_pages": huge,
+    }
+
+
+def describe_text(description: dict) -> str:
+    """One line for the job's log: where the regions live and whether that is the fast kind."""
+    path, fs_type = description["path"], description["fs_type"]
+    if fs_type is None:
+        return f"snapshot regions in {path} (filesystem unknown)"
+    if not description["in_memory"]:
+        return (
+            f"snapshot regions in {path} ({fs_type}): NOT in memory, so snapshots are paged to "
+            "disk; set snapshot.shm_dir to a tmpfs (e.g. /dev/shm)"
+        )
+    huge = description["huge_pages"]
+    if huge in ("always", "within_size", "force"):
+        return f"snapshot regions in {path} ({fs_type}, 2 MiB pages: huge={huge})"
+    return (
+        f"snapshot regions in {path} ({fs_type}, 4 KiB pages); a tmpfs mounted with "
+        "huge=within_size allocates and reads them faster (snapshot.shm_dir)"
+    )
 
 
 def _check_name(name: str) -> None:
@@ -285,11 +384,14 @@ class RegionReader:
         self.close()
 
 
-def list_regions(prefix: str) -> list[str]:
-    """Names of existing regions starting with `prefix` (e.g. `job_prefix(job_id)`)."""
+def list_regions(prefix: str, directory: str | Path | None = None) -> list[str]:
+    """Names of existing regions starting with `prefix` (e.g. `job_prefix(job_id)`), in
+    `directory` (default `shm_dir()`)."""
     if not prefix:
         raise ValueError("list_regions needs a non-empty prefix (use job_prefix(job_id))")
-    directory = shm_dir()
+    directory = Path(directory) if directory else shm_dir()
+    if not directory.is_dir():
+        return []
     return sorted(
         entry.name
         for entry in os.scandir(directory)
@@ -297,12 +399,14 @@ def list_regions(prefix: str) -> list[str]:
     )
 
 
-def remove_regions(prefix: str) -> list[str]:
-    """Unlink every region whose name starts with `prefix`; returns the names removed."""
+def remove_regions(prefix: str, directory: str | Path | None = None) -> list[str]:
+    """Unlink every region whose name starts with `prefix` (in `directory`, default
+    `shm_dir()`); returns the names removed."""
+    directory = Path(directory) if directory else shm_dir()
     removed = []
-    for name in list_regions(prefix):
+    for name in list_regions(prefix, directory):
         try:
-            (shm_dir() / name).unlink()
+            (directory / name).unlink()
         except FileNotFoundError:
             continue
         removed.append(name)

@@ -79,3 +79,49 @@ def test_durable_fallback_takes_the_newest_checkpoint_that_verifies(make_config)
     assert any("durable checkpoint of step 8 is unusable" in line for line in logs), logs
     controller.durable_candidates = lambda: [8]  # e.g. only 8 carries an RL pipeline state
     assert controller._durable_fallback("lost")[:2] == (None, "scratch")
+
+
+def test_a_durable_write_underway_lands_before_the_fallback_chooses(make_config):
+    """The fallback first lets the managers finish the checkpoint writes already underway:
+    one landing after the choice would prune the chosen checkpoint (keep=1) while the new
+    workers load it. A manager that cannot finish is stopped, with its write, before the choice.
+    The managers here are stand-in actors with the two calls the fallback makes."""
+    import numpy as np
+
+    from stalwart.snapshot.persist import write_checkpoint
+
+    config = make_config()
+    run_dir = config.resolved_run_dir()
+    shard = {"rank00000": (np.arange(256, dtype=np.uint8), {"total_bytes": 256, "entries": []})}
+    write_checkpoint(run_dir, 4, shard, {}, keep=1)
+
+    @ray.remote
+    class WritingManager:
+        def settle_durable(self, timeout_s):
+            time.sleep(0.5)  # the write of step 8, underway when the node went
+            write_checkpoint(run_dir, 8, shard, {}, keep=1)  # prunes step 4
+            return True
+
+        def reset(self):
+            pass
+
+    @ray.remote
+    class StuckManager:
+        def settle_durable(self, timeout_s):
+            return False  # its write is still running when the wait ends
+
+        def reset(self):
+            pass
+
+    cluster = connect(num_nodes=1, cpus_per_node=2)
+    logs = []
+    try:
+        controller = JobController(config, cluster, run_dir, log=logs.append)
+        stuck = StuckManager.remote()
+        controller.managers = {0: WritingManager.remote(), 1: stuck}
+        assert controller._durable_fallback("lost") == (8, "durable", "lost")
+        with pytest.raises(ray.exceptions.ActorDiedError):
+            ray.get(stuck.__ray_ready__.remote(), timeout=10)
+        assert any("position 1 did not finish its durable writes" in line for line in logs), logs
+    finally:
+        cluster.shutdown()

@@ -45,6 +45,34 @@ def _assert_identical(reference, summary):
     assert summary["step"] == reference["step"]
 
 
+def test_regions_in_the_configured_shm_dir_serve_a_recovery(reference, make_config, tmp_path):
+    """snapshot.shm_dir reaches every process of the job: the managers create their regions
+    there, the agents write and the new worker reads them (a process looking elsewhere would
+    find nothing), and the job's end removes them."""
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    config = _with_faults(
+        make_config(snapshot={"shm_dir": str(regions)}),
+        [{"kind": "kill_worker", "step": 5, "phase": "forward", "rank": 1}],
+    )
+    messages = []
+    summary = run_job(config, log=messages.append)
+    assert any(m.startswith(f"snapshot regions in {regions}") for m in messages), messages
+    assert [(r.kind, r.source) for r in summary["recoveries"]] == [("process", "memory")]
+    _assert_identical(reference, summary)
+    assert list(regions.iterdir()) == []
+
+
+def test_a_missing_shm_dir_fails_before_training(make_config):
+    from stalwart.launch.controller import JobFailed
+
+    config = make_config(snapshot={"shm_dir": "/no/such/stalwart/regions"})
+    with pytest.raises(JobFailed, match=r"snapshot\.shm_dir='/no/such/stalwart/regions'"):
+        run_job(config, log=_quiet)
+    metrics = config.resolved_run_dir() / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""  # no step was trained
+
+
 @pytest.mark.parametrize(
     "phase, standby", [("forward", True), ("backward", True), ("optimizer", False)]
 )

@@ -383,3 +383,60 @@ def test_read_verified_reads_a_region_file_into_targets_and_new_tensors(job_id):
 def test_reservations_keep_a_quarter_of_the_host_memory_available():
     assert shm.can_reserve(0)
     assert not shm.can_reserve(1 << 60)  # more than any host has
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+25 22 0:21 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw,size=24684084k
+31 22 0:30 / /mnt/huge\\040shm rw,relatime shared:9 - tmpfs tmpfs rw,size=4194304k,huge=within_size
+32 22 0:31 / /mnt/pages rw,relatime shared:10 - hugetlbfs hugetlbfs rw,pagesize=2M
+"""
+
+
+def test_describe_dir_reads_the_mount_that_holds_the_directory(tmp_path):
+    describe = shm.describe_dir
+    assert describe("/dev/shm", MOUNTINFO) == {
+        "path": "/dev/shm",
+        "fs_type": "tmpfs",
+        "in_memory": True,
+        "huge_pages": "never",
+    }
+    # The longest mount point containing the path wins; an escaped space is unescaped.
+    huge = describe("/mnt/huge shm/job", MOUNTINFO)
+    assert (huge["fs_type"], huge["huge_pages"]) == ("tmpfs", "within_size")
+    assert describe("/mnt/pages", MOUNTINFO)["huge_pages"] == "always"
+    on_disk = describe("/var/lib/regions", MOUNTINFO)
+    assert (on_disk["fs_type"], on_disk["in_memory"], on_disk["huge_pages"]) == (
+        "ext4",
+        False,
+        None,
+    )
+    assert describe("/x", "")["fs_type"] is None
+    assert "NOT in memory" in shm.describe_text(on_disk)
+    assert "4 KiB pages" in shm.describe_text(describe("/dev/shm", MOUNTINFO))
+    assert "2 MiB pages" in shm.describe_text(huge)
+    # On this machine: whatever holds the default directory is described without error.
+    assert shm.describe_dir()["path"] == os.path.realpath(shm.shm_dir())
+
+
+def test_shm_dir_settings_reach_remote_processes_and_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv(shm.SHM_DIR_ENV, raising=False)
+    assert shm.env_vars("") == {}
+    assert shm.env_vars("/mnt/regions") == {shm.SHM_DIR_ENV: "/mnt/regions"}
+    monkeypatch.setenv(shm.SHM_DIR_ENV, str(tmp_path))
+    assert shm.env_vars("") == {shm.SHM_DIR_ENV: str(tmp_path)}  # the driver's own setting
+    assert shm.check_dir(tmp_path) == tmp_path
+    with pytest.raises(ValueError, match=r"snapshot\.shm_dir='/no/such/dir' is not a directory"):
+        shm.check_dir("/no/such/dir")
+
+
+def test_regions_are_listed_and_removed_in_a_given_directory(tmp_path, job_id):
+    directory = tmp_path / "regions"
+    directory.mkdir()
+    name = shm.region_name(job_id, "elsewhere")
+    (directory / name).write_bytes(b"x")
+    assert shm.list_regions(shm.job_prefix(job_id)) == []  # not in the default directory
+    assert shm.list_regions(shm.job_prefix(job_id), directory) == [name]
+    assert shm.remove_regions(shm.job_prefix(job_id), directory) == [name]
+    assert not (directory / name).exists()
+    assert shm.list_regions(shm.job_prefix(job_id), tmp_path / "missing") == []
