@@ -282,8 +282,11 @@ class JobController:
                 self._start_manager(position)
             self._check_managers_started()
             self._wire_managers()
-        self._start_workers(restore_version=None, durable_step=resume_step)
-        self._refill_standbys()
+        # The standby pool builds while the first group does, so it is ready from the first
+        # steps on instead of a few seconds into training.
+        self._start_workers(
+            restore_version=None, durable_step=resume_step, while_waiting=self._refill_standbys
+        )
 
     def _start_manager(self, position: int):
         """A manager for `position` on its node: the node's standby manager when it has one."""
@@ -351,9 +354,14 @@ class JobController:
         self._call_all(self.managers, "set_peers", self.managers, timeout_s=30.0)
 
     def _start_workers(
-        self, *, restore_version: int | None, durable_step: int | None = None
+        self,
+        *,
+        restore_version: int | None,
+        durable_step: int | None = None,
+        while_waiting=None,
     ) -> float:
-        """Create the worker group, rendezvous, build/restore every Trainer. Returns seconds spent."""
+        """Create the worker group, rendezvous, build/restore every Trainer. Returns seconds spent.
+        `while_waiting()`, if given, runs once every rank has been asked to set up."""
         started = time.perf_counter()
         cluster_config = self.config.cluster
         self.workers = {}
@@ -396,6 +404,8 @@ class JobController:
             )
             for rank, worker in self.workers.items()
         ]
+        if while_waiting is not None:
+            while_waiting()
         results = ray.get(setups, timeout=max(120.0, cluster_config.hang_timeout_s))
         self._restore_sources = {}
         self._retire_managers()

@@ -1,7 +1,8 @@
 """`stalwart demo` (what `make demo` runs): the promise, shown end to end on one machine.
 
 A local 3-node Ray cluster (2 active nodes + 1 spare) trains the tiny GPT on the arithmetic
-task with DDP and in-memory, erasure-coded snapshots every step. A worker process is killed,
+task with DDP, in-memory erasure-coded snapshots every step, and standby workers (Trainers
+built ahead, so a recovery is a rendezvous and a state load, not process starts). A worker process is killed,
 later a whole node is removed; the controller recovers from memory both times (the second time
 rebuilding the lost node's state from parity on the spare). The demo then runs the same job
 without faults and checks that the final parameters and optimizer state are bit-identical,
@@ -36,6 +37,7 @@ def demo_config(run_dir: Path, faults: list[dict]) -> dict:
             "num_spare_nodes": 1,
             "cpus_per_worker": 1,
             "hang_timeout_s": 60,
+            "standby_workers": True,
         },
         "snapshot": {
             "every_steps": 1,
