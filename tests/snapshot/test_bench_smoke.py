@@ -41,4 +41,10 @@ def test_small_run_writes_sane_figures(tmp_path):
     assert figures["step_s"]["torch_save"] >= figures["blocking_s"]["torch_save"]
     assert figures["restore_memory_s"] > 0 and figures["restore_durable_s"] > 0
     assert figures["durable_files_evicted"] >= 1
+    # Each restore sample carries its parts, which add up to no more than its total.
+    for kind in ("memory", "durable"):
+        for sample in figures["restore_parts_s"][kind]:
+            parts = sum(value for key, value in sample.items() if key != "total_s")
+            assert 0 < parts <= sample["total_s"] + 1e-6, (kind, sample)
+    assert figures["shm"]["path"]
     assert 0 < figures["ec_encode"]["job"]["fraction_of_zfec"] < 10
