@@ -3,8 +3,8 @@
 A region is a file under `/dev/shm` (a RAM-backed tmpfs; elsewhere a directory under the temp
 dir, or `$STALWART_SHM_DIR`, which `snapshot.shm_dir` sets for a job's processes) mapped with
 `mmap`. On a tmpfs mounted with `huge=within_size` (or `always`) a region is made of 2 MiB pages:
-creating, reading and unmapping one then cost a few hundredths of what 4 KiB pages cost
-(`describe_dir` says which kind a directory has). The snapshot manager creates a job's regions and
+creating and freeing one then cost a few hundredths of what 4 KiB pages cost, and reading it
+back about half (`describe_dir` says which kind a directory has). The snapshot manager creates a job's regions and
 trainers attach to them. Unlike `multiprocessing.shared_memory`, attaching registers nothing with
 a resource tracker: when a trainer dies (even by SIGKILL) the region and the snapshot in it stay,
 which is the whole point. Only `Region.unlink()` or `remove_regions(prefix)` deletes one.
