@@ -37,6 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from stalwart.config import RunConfig, save_config
 from stalwart.launch.cluster import ClusterHandle
 from stalwart.launch.worker import TrainWorker
+from stalwart.snapshot.persist import CheckpointCorruptError
 
 POLL_S = 0.5
 NODE_VERDICT_S = 30.0  # Ray's default health checks declare a node dead within about 30 s
@@ -158,6 +159,7 @@ class JobController:
         # Which durable checkpoints a fallback may use, newest first (None: any complete one);
         # the RL driver needs those that carry its pipeline state.
         self.durable_candidates = None
+        self.unusable_durable: set[int] = set()  # checkpoint steps a worker found corrupt
         # Where the managers keep their regions (snapshot.shm_dir), in every process of the job.
         from stalwart.snapshot import shm
 
@@ -776,11 +778,31 @@ class JobController:
         rebuild_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        durable_step = version if source == "durable" else None
-        memory_version = version if source in ("memory", "erasure") else None
-        restart_and_reform_s = self._start_workers(
-            restore_version=memory_version, durable_step=durable_step
-        )
+        while True:
+            durable_step = version if source == "durable" else None
+            memory_version = version if source in ("memory", "erasure") else None
+            try:
+                restart_and_reform_s = self._start_workers(
+                    restore_version=memory_version, durable_step=durable_step
+                )
+                break
+            except RayTaskError as error:
+                corrupt = getattr(error, "cause", None)
+                if durable_step is None or not isinstance(corrupt, CheckpointCorruptError):
+                    raise
+                # A worker found its shard of the chosen checkpoint corrupt as it loaded it
+                # (the choice checks manifests and sizes; each worker checks its own data).
+                self.unusable_durable.add(durable_step)
+                self.log(
+                    f"durable checkpoint of step {durable_step} is unusable ({corrupt}); "
+                    "trying older"
+                )
+                for worker in self.workers.values():
+                    _kill(worker)
+                self.workers = {}
+                version, source, detail = self._durable_fallback(detail or "corrupt checkpoint")
+                if self.managers:
+                    self._call_all(self.managers, "resume_at", version or 0, timeout_s=30.0)
         # New standbys start once this group has completed a step: their process starts and
         # model builds would otherwise compete with the first step after the recovery.
         self._refill_after_step = self.last_step
@@ -1075,12 +1097,21 @@ class JobController:
             _kill_and_wait(manager, timeout_s=10.0)
 
     def _newest_durable(self) -> int | None:
-        """The newest durable checkpoint (of `durable_candidates`, if set) whose every file
-        verifies: a corrupt or half-deleted one is reported and the next older one used,
-        instead of failing the new workers' load."""
+        """The newest durable checkpoint (of `durable_candidates`, if set) that is complete:
+        manifest readable, every file present at its recorded size. A half-deleted or truncated
+        one is reported and the next older one used. The data's checksums are verified by the
+        workers as each loads its own shard (no single process reads the whole checkpoint
+        first); a shard that fails marks its step in `unusable_durable` and the recovery
+        chooses again (`_recover`)."""
         from stalwart.snapshot.persist import newest_usable_step
 
-        return newest_usable_step(self.run_dir, self.durable_candidates, log=self.log)
+        return newest_usable_step(
+            self.run_dir,
+            self.durable_candidates,
+            log=self.log,
+            checksums=False,
+            exclude=self.unusable_durable,
+        )
 
     def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:
         self._settle_durable_writes()

@@ -38,7 +38,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -468,11 +468,7 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_verified(
-    path: Path, expected_nbytes: int, expected_hash: str, chunk_nbytes: int, keep: bool = True
-) -> np.ndarray | None:
-    """The file's bytes once its size and xxh3-64 match (`keep=False`: only check, through one
-    chunk-sized buffer, and return None)."""
+def _check_size(path: Path, expected_nbytes: int) -> None:
     try:
         actual_nbytes = path.stat().st_size
     except FileNotFoundError:
@@ -482,6 +478,14 @@ def _read_verified(
             f"{path}: size {actual_nbytes} bytes, manifest says {expected_nbytes} "
             f"({'truncated' if actual_nbytes < expected_nbytes else 'extended'})"
         )
+
+
+def _read_verified(
+    path: Path, expected_nbytes: int, expected_hash: str, chunk_nbytes: int, keep: bool = True
+) -> np.ndarray | None:
+    """The file's bytes once its size and xxh3-64 match (`keep=False`: only check, through one
+    chunk-sized buffer, and return None)."""
+    _check_size(path, expected_nbytes)
     data = np.empty(expected_nbytes if keep else min(chunk_nbytes, expected_nbytes), np.uint8)
     view = memoryview(data)
     hasher = xxhash.xxh3_64()
@@ -547,10 +551,16 @@ def _shard_record(path: Path, name: str, record: dict) -> tuple[Path, int, str, 
 
 
 def verify_checkpoint(
-    root: str | Path, step: int, *, chunk_nbytes: int = DEFAULT_CHUNK_NBYTES
+    root: str | Path,
+    step: int,
+    *,
+    chunk_nbytes: int = DEFAULT_CHUNK_NBYTES,
+    checksums: bool = True,
 ) -> None:
     """Check every file of checkpoint ``step`` against its manifest (sizes and xxh3-64),
-    streaming through one chunk-sized buffer; raises as :func:`load_checkpoint` does."""
+    streaming through one chunk-sized buffer; raises as :func:`load_checkpoint` does.
+    ``checksums=False``: the manifest and every file's presence and size only, without reading
+    the data (whoever loads a shard verifies its checksum then)."""
     path = checkpoint_dir(root, step)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -561,7 +571,10 @@ def verify_checkpoint(
         )
     for name, record in manifest["shards"].items():
         file_path, nbytes, expected_hash, _ = _shard_record(path, name, record)
-        _read_verified(file_path, nbytes, expected_hash, chunk_nbytes, keep=False)
+        if checksums:
+            _read_verified(file_path, nbytes, expected_hash, chunk_nbytes, keep=False)
+        else:
+            _check_size(file_path, nbytes)
 
 
 # How often `newest_usable_step` lists again when checkpoints are pruned under it.
@@ -569,11 +582,18 @@ _RELIST_ATTEMPTS = 5
 
 
 def newest_usable_step(
-    root: str | Path, candidates: list[int] | Callable[[], list[int]] | None = None, log=None
+    root: str | Path,
+    candidates: list[int] | Callable[[], list[int]] | None = None,
+    log=None,
+    *,
+    checksums: bool = True,
+    exclude: Collection[int] = (),
 ) -> int | None:
     """The newest of ``candidates`` (default: every complete checkpoint, ``latest`` first) whose
     files all verify; each one that does not is reported through ``log`` and skipped. None when
-    none verifies. ``candidates`` may be a function returning the list.
+    none verifies. ``candidates`` may be a function returning the list; steps in ``exclude``
+    (found unusable before) are skipped silently. ``checksums=False`` checks manifests and file
+    sizes only (`verify_checkpoint`), for a caller whose loaders verify the data as they read.
 
     A writer may finish a newer checkpoint and prune the one being checked meanwhile (its
     directory is gone): the candidates are then listed again, so the newer one is found instead
@@ -581,9 +601,11 @@ def newest_usable_step(
     for _ in range(_RELIST_ATTEMPTS):
         vanished = False
         for step in _candidate_steps(root, candidates):
+            if step in exclude:
+                continue
             existed = checkpoint_dir(root, step).is_dir()
             try:
-                verify_checkpoint(root, step)
+                verify_checkpoint(root, step, checksums=checksums)
                 return step
             except (CheckpointCorruptError, OSError) as error:
                 if existed and not checkpoint_dir(root, step).is_dir():

@@ -56,8 +56,10 @@ def test_two_node_job_trains_and_cleans_up(make_config):
 
 def test_durable_fallback_takes_the_newest_checkpoint_that_verifies(make_config):
     """Beyond memory's reach the controller restarts from the durable tier: a newest checkpoint
-    that does not verify (here a flipped byte) is reported and the next older one used; none
-    usable means a restart from scratch. No Ray needed: the choice reads only the disk."""
+    that is incomplete (here a truncated shard; the choice checks manifests and sizes, the
+    workers the checksums as they load, see test_recovery) is reported and the next older one
+    used; none usable means a restart from scratch. No Ray needed: the choice reads only the
+    disk."""
     import numpy as np
 
     from stalwart.launch.cluster import ClusterHandle
@@ -70,13 +72,15 @@ def test_durable_fallback_takes_the_newest_checkpoint_that_verifies(make_config)
     for step in (4, 8):
         write_checkpoint(run_dir, step, {"rank00000": (buffer, layout)}, {}, keep=3)
     shard = checkpoint_dir(run_dir, 8) / "rank00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard.write_bytes(shard.read_bytes()[:-1])
     logs = []
     controller = JobController(config, ClusterHandle(), run_dir, log=logs.append)
     assert controller._durable_fallback("two nodes lost") == (4, "durable", "two nodes lost")
     assert any("durable checkpoint of step 8 is unusable" in line for line in logs), logs
+    assert any("truncated" in line for line in logs), logs
+    controller.unusable_durable.add(4)  # as a worker that found step 4's data corrupt marks it
+    assert controller._durable_fallback("lost")[:2] == (None, "scratch")
+    controller.unusable_durable.clear()
     controller.durable_candidates = lambda: [8]  # e.g. only 8 carries an RL pipeline state
     assert controller._durable_fallback("lost")[:2] == (None, "scratch")
 

@@ -63,6 +63,46 @@ def test_regions_in_the_configured_shm_dir_serve_a_recovery(reference, make_conf
     assert list(regions.iterdir()) == []
 
 
+def test_a_checkpoint_a_worker_finds_corrupt_is_skipped_for_an_older_one(
+    reference, make_config, monkeypatch
+):
+    """The durable fallback checks manifests and sizes; each worker verifies the checksums of
+    its own shard as it loads. A flipped byte there (here put in right after the choice) marks
+    that checkpoint unusable, the recovery takes the next older one, and the run still ends
+    bit-identical."""
+    from stalwart.launch.controller import JobController
+    from stalwart.snapshot.persist import checkpoint_dir
+
+    original = JobController._newest_durable
+    corrupted = []
+
+    def newest_then_corrupt(self):
+        step = original(self)
+        if step is not None and not corrupted:
+            shard = checkpoint_dir(self.run_dir, step) / "rank00001.safetensors"
+            data = bytearray(shard.read_bytes())
+            data[-1] ^= 0xFF
+            shard.write_bytes(bytes(data))
+            corrupted.append(step)
+        return step
+
+    monkeypatch.setattr(JobController, "_newest_durable", newest_then_corrupt)
+    config = _with_faults(
+        make_config(snapshot={"persist_every": 2, "erasure": {"group_size": 2, "parity": 0}}),
+        [{"kind": "kill_node", "step": 7, "node": 1}],
+    )
+    messages = []
+    summary = run_job(config, log=messages.append)
+    assert corrupted, messages
+    bad = corrupted[0]
+    assert any(
+        f"durable checkpoint of step {bad} is unusable" in m and "xxh3" in m for m in messages
+    ), messages
+    durable = [r for r in summary["recoveries"] if r.source == "durable"]
+    assert len(durable) == 1 and durable[0].restored_version < bad, summary["recoveries"]
+    _assert_identical(reference, summary)
+
+
 def test_a_missing_shm_dir_fails_before_training(make_config):
     from stalwart.launch.controller import JobFailed
 

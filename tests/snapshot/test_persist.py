@@ -253,6 +253,12 @@ def test_verification_streams_every_file_and_the_newest_usable_step_skips_bad_on
         "durable checkpoint of step 4",
     ]
     assert "truncated" in reports[1]
+    # Without checksums only manifests and sizes count: the flipped byte of step 6 passes (its
+    # loader will catch it), the truncated step 4 does not; excluded steps are skipped.
+    assert persist.newest_usable_step(tmp_path, checksums=False) == 6
+    assert persist.newest_usable_step(tmp_path, checksums=False, exclude={6}) == 2
+    with pytest.raises(CheckpointCorruptError, match="truncated"):
+        persist.verify_checkpoint(tmp_path, 4, checksums=False)
     # Candidates restrict the choice (e.g. to the checkpoints that carry an RL pipeline state).
     assert persist.newest_usable_step(tmp_path, [4, 2]) == 2
     assert persist.newest_usable_step(tmp_path, [6, 4]) is None
