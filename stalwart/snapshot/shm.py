@@ -56,8 +56,9 @@ def env_vars(configured: str = "") -> dict[str, str]:
 
 
 def check_dir(directory: str | Path) -> Path:
-    """`directory` if it exists and this process may create files in it; else a ValueError that
-    names `snapshot.shm_dir` and the fix."""
+    """`directory` if it exists, this process may create files in it, and it is not on a disk
+    filesystem (per `describe_dir`; an unknown one passes); else a ValueError that names
+    `snapshot.shm_dir` and the fix."""
     path = Path(directory)
     if not path.is_dir():
         raise ValueError(
@@ -69,6 +70,15 @@ def check_dir(directory: str | Path) -> Path:
         raise ValueError(
             f"snapshot.shm_dir={str(directory)!r} is not writable by this process (uid "
             f"{os.getuid()}): change its permissions or choose another directory"
+        )
+    backing = describe_dir(path)
+    if backing["in_memory"] is False:
+        # Regions there would be file mappings of a disk: every snapshot written back to it,
+        # and writers throttled while it catches up (training stalls).
+        raise ValueError(
+            f"snapshot.shm_dir={str(directory)!r} is on {backing['fs_type']}, not "
+            "in memory: use a tmpfs directory (/dev/shm, or mount -t tmpfs -o "
+            "huge=within_size,size=<bytes> tmpfs <dir>)"
         )
     return path
 

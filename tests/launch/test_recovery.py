@@ -45,22 +45,32 @@ def _assert_identical(reference, summary):
     assert summary["step"] == reference["step"]
 
 
-def test_regions_in_the_configured_shm_dir_serve_a_recovery(reference, make_config, tmp_path):
+def test_regions_in_the_configured_shm_dir_serve_a_recovery(reference, make_config):
     """snapshot.shm_dir reaches every process of the job: the managers create their regions
     there, the agents write and the new worker reads them (a process looking elsewhere would
-    find nothing), and the job's end removes them."""
-    regions = tmp_path / "regions"
+    find nothing), and the job's end removes them. The directory is a fresh one on the default
+    tmpfs: regions on a disk filesystem would be written back to the disk as the job runs."""
+    import shutil
+    import uuid
+
+    from stalwart.snapshot import shm
+
+    regions = shm.shm_dir() / f"regions-test-{uuid.uuid4().hex[:8]}"
     regions.mkdir()
-    config = _with_faults(
-        make_config(snapshot={"shm_dir": str(regions)}),
-        [{"kind": "kill_worker", "step": 5, "phase": "forward", "rank": 1}],
-    )
-    messages = []
-    summary = run_job(config, log=messages.append)
-    assert any(m.startswith(f"snapshot regions in {regions}") for m in messages), messages
-    assert [(r.kind, r.source) for r in summary["recoveries"]] == [("process", "memory")]
-    _assert_identical(reference, summary)
-    assert list(regions.iterdir()) == []
+    try:
+        config = _with_faults(
+            make_config(snapshot={"shm_dir": str(regions)}),
+            [{"kind": "kill_worker", "step": 5, "phase": "forward", "rank": 1}],
+        )
+        messages = []
+        summary = run_job(config, log=messages.append)
+        assert any(m.startswith(f"snapshot regions in {regions}") for m in messages), messages
+        recoveries = [(r.kind, r.source) for r in summary["recoveries"]]
+        assert recoveries == [("process", "memory")], messages
+        _assert_identical(reference, summary)
+        assert list(regions.iterdir()) == []
+    finally:
+        shutil.rmtree(regions, ignore_errors=True)
 
 
 def test_a_checkpoint_a_worker_finds_corrupt_is_skipped_for_an_older_one(

@@ -425,9 +425,16 @@ def test_shm_dir_settings_reach_remote_processes_and_are_checked(tmp_path, monke
     assert shm.env_vars("/mnt/regions") == {shm.SHM_DIR_ENV: "/mnt/regions"}
     monkeypatch.setenv(shm.SHM_DIR_ENV, str(tmp_path))
     assert shm.env_vars("") == {shm.SHM_DIR_ENV: str(tmp_path)}  # the driver's own setting
-    assert shm.check_dir(tmp_path) == tmp_path
     with pytest.raises(ValueError, match=r"snapshot\.shm_dir='/no/such/dir' is not a directory"):
         shm.check_dir("/no/such/dir")
+    # A directory on a disk filesystem is refused; one in memory (or unknown) passes.
+    monkeypatch.setattr(shm, "describe_dir", lambda path: {"in_memory": False, "fs_type": "ext4"})
+    with pytest.raises(ValueError, match="is on ext4, not in memory"):
+        shm.check_dir(tmp_path)
+    monkeypatch.setattr(shm, "describe_dir", lambda path: {"in_memory": True, "fs_type": "tmpfs"})
+    assert shm.check_dir(tmp_path) == tmp_path
+    monkeypatch.setattr(shm, "describe_dir", lambda path: {"in_memory": None, "fs_type": None})
+    assert shm.check_dir(tmp_path) == tmp_path
 
 
 def test_regions_are_listed_and_removed_in_a_given_directory(tmp_path, job_id):
