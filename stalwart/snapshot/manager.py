@@ -160,6 +160,9 @@ class SnapshotManager:
         self.wait_timeout_s = wait_timeout_s
         self.incarnation = uuid.uuid4().hex[:8]
         self.abandon_floor = 0
+        # Bumped by `resume_at` and `reset`: a wait that began before (for a version of the dead
+        # attempt) ends then instead of holding its thread for wait_timeout_s.
+        self.epoch = 0
         # Set by the controller while it picks the version to restore (`freeze`): versions
         # still become ready but none commits, so a commit cannot release the version chosen.
         self.frozen = False
@@ -406,9 +409,24 @@ class SnapshotManager:
             return version < self.abandon_floor and not complete()
 
         with self.cond:
-            if not self.cond.wait_for(lambda: complete() or never(), self.wait_timeout_s):
+            epoch = self.epoch
+
+            def abandoned() -> bool:  # a recovery restarted the job meanwhile
+                return self.epoch != epoch
+
+            if not self.cond.wait_for(
+                lambda: complete() or never() or abandoned(), self.wait_timeout_s
+            ):
                 raise KeyError(
                     f"position {self.position} has no complete copy of version {version}"
+                )
+            if abandoned():
+                # A peer still encoding a version of the dead attempt (waiting for this copy)
+                # would otherwise hold its encoder until the timeout, and no new version of
+                # the restarted job could commit meanwhile.
+                raise KeyError(
+                    f"position {self.position}: version {version} belongs to an attempt a "
+                    "recovery abandoned"
                 )
             if never():
                 raise KeyError(
@@ -700,6 +718,7 @@ class SnapshotManager:
         with self.cond:
             self.frozen = False
             self.abandon_floor = 0
+            self.epoch += 1
             if (
                 version in self.versions
                 and (self.committed is None or version > self.committed)
@@ -721,6 +740,7 @@ class SnapshotManager:
     def reset(self) -> None:
         """Forget every version (the job restarts from the durable tier at an older step)."""
         with self.cond:
+            self.epoch += 1
             for state in self.versions.values():
                 self._recycle(state)
             self.versions.clear()

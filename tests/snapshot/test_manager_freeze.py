@@ -84,3 +84,40 @@ def test_a_dropped_versions_late_encode_leaves_the_next_attempts_version_alone(m
         assert manager.committed == 4
     finally:
         manager.shutdown()
+
+
+def test_a_wait_for_a_version_of_the_dead_attempt_ends_at_the_recovery():
+    """A peer encoding a version the killed rank never published waits here for this node's
+    copy. The recovery's `resume_at` must end that wait at once: for wait_timeout_s the peer's
+    encoder would otherwise hold every version of the restarted job back from committing."""
+    import threading
+    import time
+
+    import pytest
+
+    manager = _manager(job_id="epoch")
+    manager.wait_timeout_s = 30.0
+    outcome = {}
+
+    def wait_for_version_4():
+        started = time.monotonic()
+        try:
+            manager.local_meta(4)
+        except KeyError as error:
+            outcome["error"] = str(error)
+        outcome["waited_s"] = time.monotonic() - started
+
+    try:
+        waiter = threading.Thread(target=wait_for_version_4)
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # version 4 is not here: the wait goes on
+        manager.resume_at(2)
+        waiter.join(5.0)
+        assert not waiter.is_alive()
+        assert "abandoned" in outcome["error"] and outcome["waited_s"] < 5.0, outcome
+        with pytest.raises(KeyError, match="no complete copy"):  # a new wait runs its course
+            manager.wait_timeout_s = 0.2
+            manager.local_meta(4)
+    finally:
+        manager.shutdown()
