@@ -160,6 +160,7 @@ class JobController:
         # the RL driver needs those that carry its pipeline state.
         self.durable_candidates = None
         self.unusable_durable: set[int] = set()  # checkpoint steps a worker found corrupt
+        self.started_from: int | None = None  # the durable step `start` restored, if any
         # Where the managers keep their regions (snapshot.shm_dir), in every process of the job.
         from stalwart.snapshot import shm
 
@@ -286,8 +287,9 @@ class JobController:
             self._wire_managers()
         # The standby pool builds while the first group does, so it is ready from the first
         # steps on instead of a few seconds into training.
-        self._start_workers(
-            restore_version=None, durable_step=resume_step, while_waiting=self._refill_standbys
+        source = "durable" if resume_step is not None else "scratch"
+        self.started_from, _, _ = self._start_group(
+            resume_step, source, while_waiting=self._refill_standbys
         )
 
     def _start_manager(self, position: int):
@@ -416,6 +418,45 @@ class JobController:
         self.last_step = results[0]["step"]
         self.max_step_seen = self.last_step
         return time.perf_counter() - started
+
+    def _start_group(
+        self, version: int | None, source: str, *, while_waiting=None
+    ) -> tuple[int | None, str, float]:
+        """Start the group restoring `version` from `source` ("memory"/"erasure": the managers'
+        memory, "durable": the checkpoint of that step, "scratch": nothing). The choice of a
+        durable checkpoint checks manifests and sizes; each worker checks its own shard's data
+        as it loads it. A shard that fails marks its step in `unusable_durable`, and the next
+        older complete checkpoint is tried (step 0 when none is left). Returns what was
+        restored, from where, and the seconds spent."""
+        started = time.perf_counter()
+        while True:
+            durable_step = version if source == "durable" else None
+            memory_version = version if source in ("memory", "erasure") else None
+            try:
+                self._start_workers(
+                    restore_version=memory_version,
+                    durable_step=durable_step,
+                    while_waiting=while_waiting,
+                )
+                return version, source, time.perf_counter() - started
+            except RayTaskError as error:
+                corrupt = getattr(error, "cause", None)
+                if durable_step is None or not isinstance(corrupt, CheckpointCorruptError):
+                    raise
+                self.unusable_durable.add(durable_step)
+                for worker in self.workers.values():
+                    _kill(worker)
+                self.workers = {}
+                while_waiting = None  # it ran with the first attempt
+                version = self._newest_durable()
+                source = "durable" if version is not None else "scratch"
+                older = f"step {version}" if version is not None else "step 0 (none is left)"
+                self.log(
+                    f"durable checkpoint of step {durable_step} is unusable ({corrupt}); "
+                    f"restoring {older} instead"
+                )
+                if self.managers:
+                    self._call_all(self.managers, "resume_at", version or 0, timeout_s=30.0)
 
     def _worker_faults(self, rank: int) -> list[dict]:
         from stalwart.launch.faults import fault_rank
@@ -778,31 +819,7 @@ class JobController:
         rebuild_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        while True:
-            durable_step = version if source == "durable" else None
-            memory_version = version if source in ("memory", "erasure") else None
-            try:
-                restart_and_reform_s = self._start_workers(
-                    restore_version=memory_version, durable_step=durable_step
-                )
-                break
-            except RayTaskError as error:
-                corrupt = getattr(error, "cause", None)
-                if durable_step is None or not isinstance(corrupt, CheckpointCorruptError):
-                    raise
-                # A worker found its shard of the chosen checkpoint corrupt as it loaded it
-                # (the choice checks manifests and sizes; each worker checks its own data).
-                self.unusable_durable.add(durable_step)
-                self.log(
-                    f"durable checkpoint of step {durable_step} is unusable ({corrupt}); "
-                    "trying older"
-                )
-                for worker in self.workers.values():
-                    _kill(worker)
-                self.workers = {}
-                version, source, detail = self._durable_fallback(detail or "corrupt checkpoint")
-                if self.managers:
-                    self._call_all(self.managers, "resume_at", version or 0, timeout_s=30.0)
+        version, source, restart_and_reform_s = self._start_group(version, source)
         # New standbys start once this group has completed a step: their process starts and
         # model builds would otherwise compete with the first step after the recovery.
         self._refill_after_step = self.last_step
@@ -861,16 +878,7 @@ class JobController:
         (Ray reports the actor died) or "silent" (no answer yet, or unreachable for now)."""
         refs = {position: manager.ping.remote() for position, manager in self.managers.items()}
         ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        verdicts = {}
-        for position, ref in refs.items():
-            try:
-                ray.get(ref, timeout=0)
-                verdicts[position] = "alive"
-            except (ray.exceptions.ActorDiedError, RayTaskError):
-                verdicts[position] = "dead"
-            except (RayActorError, ray.exceptions.GetTimeoutError):
-                verdicts[position] = "silent"
-        return verdicts
+        return {position: _verdict(ref, timeout_s=0) for position, ref in refs.items()}
 
     def _try_restore_point(
         self, lost: list[int], replaced: set[int]
@@ -1165,15 +1173,21 @@ def _kill(actor) -> None:
         pass
 
 
+def _verdict(ref, timeout_s: float) -> str:
+    """What an actor call's ref says of its actor within `timeout_s`: "alive" (it answered),
+    "dead" (Ray reports the actor died) or "silent" (no answer yet, or unreachable for now)."""
+    try:
+        ray.get(ref, timeout=timeout_s)
+        return "alive"
+    except (ray.exceptions.ActorDiedError, RayTaskError):
+        return "dead"
+    except ray.exceptions.RayError:  # a timeout, or the actor unreachable for now
+        return "silent"
+
+
 def _is_dead(actor, timeout_s: float = 1.0) -> bool:
     """Whether Ray reports `actor` dead (a live but busy or unreachable one is not)."""
-    try:
-        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
-    except ray.exceptions.ActorDiedError:
-        return True
-    except Exception:  # a timeout: alive as far as anyone knows
-        return False
-    return False
+    return _verdict(actor.__ray_ready__.remote(), timeout_s) == "dead"
 
 
 def _kill_and_wait(actor, timeout_s: float) -> bool:
@@ -1182,12 +1196,8 @@ def _kill_and_wait(actor, timeout_s: float) -> bool:
     _kill(actor)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
-        except ray.exceptions.ActorDiedError:
+        if _is_dead(actor, timeout_s=max(0.1, deadline - time.monotonic())):
             return True
-        except Exception:  # a timeout: ask again
-            pass
         time.sleep(0.05)
     return False
 

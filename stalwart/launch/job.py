@@ -71,8 +71,10 @@ def resume_job(
         raise FileNotFoundError(
             f"{run_dir} has no durable checkpoint; set snapshot.persist_every to write one"
         )
-    step = newest_usable_step(run_dir, log=log)  # a corrupt newest one: the next older
+    # Manifests and file sizes here; each worker checks its own shard's data as it loads it,
+    # and a shard that fails sends the job to the next older checkpoint (JobController.start).
+    step = newest_usable_step(run_dir, log=log, checksums=False)
     if step is None:
-        raise FileNotFoundError(f"{run_dir}: no durable checkpoint verifies (see above)")
+        raise FileNotFoundError(f"{run_dir}: no durable checkpoint is complete (see above)")
     log(f"resuming {run_dir} from the durable checkpoint of step {step}")
     return run_job(config, address=address, run_dir=run_dir, log=log, resume_step=step)

@@ -1014,9 +1014,10 @@ class SnapshotManager:
                 self.events.append({"version": version, "persist_error": repr(error)})
 
     def flush_durable(self, timeout_s: float = 600.0) -> None:
-        self.persister.submit(lambda: None).result(timeout_s)
-        if self.durable is not None:
-            self.durable.flush(timeout_s)
+        """Wait for every durable write submitted so far (the end of a run); TimeoutError when
+        they do not finish within `timeout_s`."""
+        if not self.settle_durable(timeout_s):
+            raise TimeoutError(f"durable writes did not finish within {timeout_s:.0f} s")
 
     def settle_durable(self, timeout_s: float) -> bool:
         """Finish the durable writes already underway, within `timeout_s`: a recovery about to

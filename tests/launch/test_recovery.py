@@ -290,8 +290,16 @@ def test_elastic_job_continues_on_the_surviving_node_when_no_spare_is_free(tmp_p
 
 
 def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_path, config_at):
-    # A constant learning rate makes the schedule independent of max_steps, so a 10-step run
-    # resumed to 14 steps must equal a straight 14-step run.
+    """`stalwart resume` checks the newest checkpoint's manifest and sizes and starts from it;
+    each worker checks its own shard's data as it loads. A shard that fails there (a copy of
+    the run with one flipped byte) sends the job to the next older checkpoint, and the resumed
+    run still equals a straight one."""
+    import shutil
+
+    from stalwart.snapshot.persist import checkpoint_dir
+
+    # A constant learning rate makes the schedule independent of max_steps, so an 8-step run
+    # resumed to 12 steps must equal a straight 12-step run.
     constant = {"warmup_steps": 0, "min_lr_ratio": 1.0}
     straight = run_job(
         config_at(tmp_path / "a", optim=constant, trainer={"max_steps": 12, "batch_size": 8}),
@@ -299,11 +307,28 @@ def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_pa
     )
     first = config_at(tmp_path / "b", optim=constant, trainer={"max_steps": 8, "batch_size": 8})
     run_job(first, log=_quiet)
+    # A copy of the stopped run whose newest checkpoint has one flipped byte in a shard's data:
+    # its manifest and sizes are fine, so only the worker that loads that shard can tell.
+    corrupt_run = tmp_path / "c"
+    shutil.copytree(first.resolved_run_dir(), corrupt_run)
+    shard = checkpoint_dir(corrupt_run, 8) / "rank00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
     messages = []
     resumed = resume_job(
         first.resolved_run_dir(), overrides=["trainer.max_steps=12"], log=messages.append
     )
     assert any("durable checkpoint of step 8" in m for m in messages), messages
+    _assert_identical(straight, resumed)
+
+    messages = []
+    resumed = resume_job(corrupt_run, overrides=["trainer.max_steps=12"], log=messages.append)
+    assert any(
+        "durable checkpoint of step 8 is unusable" in m and "restoring step 4" in m
+        for m in messages
+    ), messages
     _assert_identical(straight, resumed)
 
 
