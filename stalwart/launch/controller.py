@@ -289,7 +289,7 @@ class JobController:
         # steps on instead of a few seconds into training.
         source = "durable" if resume_step is not None else "scratch"
         self.started_from, _, _ = self._start_group(
-            resume_step, source, while_waiting=self._refill_standbys
+            resume_step, source, while_waiting=self._refill_standbys, scratch_ok=False
         )
 
     def _start_manager(self, position: int):
@@ -420,14 +420,15 @@ class JobController:
         return time.perf_counter() - started
 
     def _start_group(
-        self, version: int | None, source: str, *, while_waiting=None
+        self, version: int | None, source: str, *, while_waiting=None, scratch_ok: bool = True
     ) -> tuple[int | None, str, float]:
         """Start the group restoring `version` from `source` ("memory"/"erasure": the managers'
         memory, "durable": the checkpoint of that step, "scratch": nothing). The choice of a
         durable checkpoint checks manifests and sizes; each worker checks its own shard's data
         as it loads it. A shard that fails marks its step in `unusable_durable`, and the next
-        older complete checkpoint is tried (step 0 when none is left). Returns what was
-        restored, from where, and the seconds spent."""
+        older complete checkpoint is tried (step 0 when none is left and `scratch_ok`, else
+        JobFailed: a resume must not quietly start over). Returns what was restored, from
+        where, and the seconds spent."""
         started = time.perf_counter()
         while True:
             durable_step = version if source == "durable" else None
@@ -449,6 +450,11 @@ class JobController:
                 self.workers = {}
                 while_waiting = None  # it ran with the first attempt
                 version = self._newest_durable()
+                if version is None and not scratch_ok:
+                    raise JobFailed(
+                        f"durable checkpoint of step {durable_step} is unusable ({corrupt}) and "
+                        f"no older complete one is left in {self.run_dir}"
+                    ) from error
                 source = "durable" if version is not None else "scratch"
                 older = f"step {version}" if version is not None else "step 0 (none is left)"
                 self.log(

@@ -89,6 +89,10 @@ def run_demo(root: Path = Path("runs/demo"), log=print) -> bool:
     log(
         f"== run with faults: kill rank 1 at step {WORKER_KILL_STEP}, remove node 0 at step {NODE_LOSS_STEP}"
     )
+    log(
+        "   (Ray reports each killed process and removed node itself, in lines that start with "
+        "'(raylet)': those are the injected faults, expected)"
+    )
     faulted = run_job(config_from_dict(demo_config(root / "faulted", faults)), log=log)
     log("== the same job without faults (reference)")
     reference = run_job(config_from_dict(demo_config(root / "reference", [])), log=log)

@@ -336,11 +336,21 @@ class PipelineDriver:
         self.group = new_group()
         start = 0
         if self.resume_step is not None:
-            start = self._verified_checkpoint(
-                [s for s in self._durable_candidates() if s <= self.resume_step],
-                f"resuming {self.run_dir}",
+
+            def candidates() -> list[int]:
+                return [s for s in self._durable_candidates() if s <= self.resume_step]
+
+            # Manifests and sizes here; each rank checks its shard's data as it loads it, and
+            # a shard that fails sends the group to the next older candidate.
+            start = self._usable_checkpoint(
+                candidates(), f"resuming {self.run_dir}", checksums=False
             )
-            self.group.start(resume_step=start)
+            self.group.durable_candidates = candidates
+            try:
+                self.group.start(resume_step=start)
+            finally:
+                self.group.durable_candidates = self._durable_candidates
+            start = self.group.started_from
             self._resume_state(start)
         else:
             self.group.start()
@@ -398,11 +408,12 @@ class PipelineDriver:
                 return False
             time.sleep(0.05)
 
-    def _verified_checkpoint(self, candidates: list[int], context: str) -> int:
-        """The first of `candidates` (newest first) whose every file verifies."""
+    def _usable_checkpoint(self, candidates: list[int], context: str, checksums: bool) -> int:
+        """The first of `candidates` (newest first) whose every file verifies (`checksums`),
+        or is at least complete (manifest and sizes, without)."""
         from stalwart.snapshot.persist import newest_usable_step
 
-        step = newest_usable_step(self.run_dir, candidates, log=self.log)
+        step = newest_usable_step(self.run_dir, candidates, log=self.log, checksums=checksums)
         if step is None:
             raise RuntimeError(
                 f"{context}: no durable checkpoint could be loaded (tried {candidates or 'none'})"

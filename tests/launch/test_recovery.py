@@ -289,6 +289,7 @@ def test_elastic_job_continues_on_the_surviving_node_when_no_spare_is_free(tmp_p
             assert np.allclose(array, other, rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.slow
 def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_path, config_at):
     """`stalwart resume` checks the newest checkpoint's manifest and sizes and starts from it;
     each worker checks its own shard's data as it loads. A shard that fails there (a copy of
@@ -296,7 +297,8 @@ def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_pa
     run still equals a straight one."""
     import shutil
 
-    from stalwart.snapshot.persist import checkpoint_dir
+    from stalwart.launch.controller import JobFailed
+    from stalwart.snapshot.persist import checkpoint_dir, list_checkpoints
 
     # A constant learning rate makes the schedule independent of max_steps, so an 8-step run
     # resumed to 12 steps must equal a straight 12-step run.
@@ -330,6 +332,15 @@ def test_resume_after_the_cluster_is_gone_continues_from_the_durable_tier(tmp_pa
         for m in messages
     ), messages
     _assert_identical(straight, resumed)
+
+    # With every checkpoint corrupt, a resume fails instead of quietly starting over.
+    for step in list_checkpoints(corrupt_run):
+        for shard in checkpoint_dir(corrupt_run, step).glob("*.safetensors"):
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+    with pytest.raises(JobFailed, match="no older complete one is left"):
+        resume_job(corrupt_run, overrides=["trainer.max_steps=16"], log=_quiet)
 
 
 def test_fsdp_worker_kill_recovers_bit_identically(tmp_path, config_at):
