@@ -161,6 +161,7 @@ class JobController:
         self.durable_candidates = None
         self.unusable_durable: set[int] = set()  # checkpoint steps a worker found corrupt
         self.started_from: int | None = None  # the durable step `start` restored, if any
+        self.injected_at: float | None = None  # when this controller last carried out a fault
         # Where the managers keep their regions (snapshot.shm_dir), in every process of the job.
         from stalwart.snapshot import shm
 
@@ -625,6 +626,7 @@ class JobController:
         # lets Ray notice every node a multi-node fault removed (asking all at once missed the
         # second of two nodes lost together).
         idle = self._drain_progress()
+        measured_at = time.perf_counter()  # `idle` counts up to here
         pids = self._call_all(self.workers, "pid")
         dead = [rank for rank, pid in pids.items() if pid is None]
         ranks = sorted(set(dead) or set(ranks))
@@ -638,13 +640,21 @@ class JobController:
         # Time since the failed ranks last completed a step: an upper bound on detection time.
         finite = [idle[r] for r in ranks if idle.get(r, float("inf")) != float("inf")]
         finite = finite or [v for v in idle.values() if v != float("inf")]
+        detection_s = max(finite, default=0.0)
+        injected_at, self.injected_at = self.injected_at, None
+        if injected_at is not None and injected_at >= measured_at - detection_s:
+            # A fault this controller carried out after those ranks' last step: its moment is
+            # known, so detection is timed from it (not from the step it interrupted, nor the
+            # pause while the rank waited for the controller to carry it out).
+            detection_s = max(0.0, measured_at - injected_at)
         return Failure(
             kind="node" if lost else "process",
             ranks=ranks,
             lost_positions=lost,
             detail=detail,
             step=self.max_step_seen,
-            detection_s=max(finite, default=0.0),
+            detected_at=measured_at,
+            detection_s=detection_s,
             dead_ranks=dead,
         )
 
@@ -754,12 +764,14 @@ class JobController:
                 self.log(
                     f"fault: removing node at position {position} (step {step}, {event['phase']})"
                 )
+                self.injected_at = time.perf_counter()
                 self.cluster.remove_node(self.node_of[position])
                 continue  # the paused rank died with its node
             if event["kind"] == "kill_manager":
                 self.log(
                     f"fault: killing the snapshot manager at position {position} (step {step})"
                 )
+                self.injected_at = time.perf_counter()
                 ray.kill(self.managers[position], no_restart=True)
             elif event["kind"] == "stall_manager":
                 self.log(

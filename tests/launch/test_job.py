@@ -129,3 +129,39 @@ def test_a_durable_write_underway_lands_before_the_fallback_chooses(make_config)
         assert any("position 1 did not finish its durable writes" in line for line in logs), logs
     finally:
         cluster.shutdown()
+
+
+def test_detection_is_timed_from_an_injected_fault_when_its_moment_is_known(make_config):
+    """A failure's detection time is the time since the failed ranks last completed a step (an
+    upper bound: the fault came some time after it), counted up to the moment that was
+    measured, not the end of the classification. A fault this controller carried out itself
+    (a node removed, a manager killed) after that step has a known moment, and detection is
+    timed from it instead. No Ray needed: the ranks' and managers' answers are stand-ins."""
+    from stalwart.launch.cluster import ClusterHandle
+
+    config = make_config()
+    controller = JobController(config, ClusterHandle(), config.resolved_run_dir(), log=print)
+    controller.node_of = {}
+    controller._drain_progress = lambda: {0: 2.0, 1: 2.0}  # both stepped 2 s ago
+    controller._call_all = lambda handles, method, *args, **kwargs: {0: 100, 1: 101}
+    controller.cluster.alive_nodes = lambda: []
+
+    def slow_call_all(handles, method, *args, **kwargs):
+        time.sleep(0.3)  # a classification that waits on the cluster
+        return {0: 100, 1: 101}
+
+    controller._call_all = slow_call_all
+    failure = controller._classify([1], "rank 1 failed")
+    assert failure.detection_s == pytest.approx(2.0, abs=0.05)
+    # The classification's own time is counted by the recovery (from `detected_at`).
+    assert time.perf_counter() - failure.detected_at >= 0.6
+
+    controller._call_all = lambda handles, method, *args, **kwargs: {0: 100, 1: 101}
+    controller.injected_at = time.perf_counter() - 0.5  # after the ranks' last step
+    failure = controller._classify([1], "rank 1 failed")
+    assert 0.5 <= failure.detection_s < 0.6
+    assert controller.injected_at is None  # used once
+
+    controller.injected_at = time.perf_counter() - 5.0  # before it: not this failure's cause
+    failure = controller._classify([1], "rank 1 failed")
+    assert failure.detection_s == pytest.approx(2.0, abs=0.05)
