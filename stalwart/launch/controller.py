@@ -450,7 +450,7 @@ class JobController:
                     _kill(worker)
                 self.workers = {}
                 while_waiting = None  # it ran with the first attempt
-                version = self._newest_durable()
+                version = self._newest_durable(below=durable_step)
                 if version is None and not scratch_ok:
                     raise JobFailed(
                         f"durable checkpoint of step {durable_step} is unusable ({corrupt}) and "
@@ -1122,13 +1122,13 @@ class JobController:
             )
             _kill_and_wait(manager, timeout_s=10.0)
 
-    def _newest_durable(self) -> int | None:
+    def _newest_durable(self, below: int | None = None) -> int | None:
         """The newest durable checkpoint (of `durable_candidates`, if set) that is complete:
         manifest readable, every file present at its recorded size. A half-deleted or truncated
         one is reported and the next older one used. The data's checksums are verified by the
         workers as each loads its own shard (no single process reads the whole checkpoint
-        first); a shard that fails marks its step in `unusable_durable` and the recovery
-        chooses again (`_recover`)."""
+        first); a shard that fails marks its step in `unusable_durable` and the group starts
+        again from the newest one `below` it (`_start_group`)."""
         from stalwart.snapshot.persist import newest_usable_step
 
         return newest_usable_step(
@@ -1137,6 +1137,7 @@ class JobController:
             log=self.log,
             checksums=False,
             exclude=self.unusable_durable,
+            below=below,
         )
 
     def _durable_fallback(self, why: str) -> tuple[int | None, str, str]:

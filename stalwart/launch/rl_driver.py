@@ -336,20 +336,14 @@ class PipelineDriver:
         self.group = new_group()
         start = 0
         if self.resume_step is not None:
-
-            def candidates() -> list[int]:
-                return [s for s in self._durable_candidates() if s <= self.resume_step]
-
             # Manifests and sizes here; each rank checks its shard's data as it loads it, and
-            # a shard that fails sends the group to the next older candidate.
-            start = self._usable_checkpoint(
-                candidates(), f"resuming {self.run_dir}", checksums=False
+            # a shard that fails sends the group to the next older checkpoint that carries the
+            # pipeline state (`group.durable_candidates`).
+            start = self._complete_checkpoint(
+                [s for s in self._durable_candidates() if s <= self.resume_step],
+                f"resuming {self.run_dir}",
             )
-            self.group.durable_candidates = candidates
-            try:
-                self.group.start(resume_step=start)
-            finally:
-                self.group.durable_candidates = self._durable_candidates
+            self.group.start(resume_step=start)
             start = self.group.started_from
             self._resume_state(start)
         else:
@@ -408,12 +402,12 @@ class PipelineDriver:
                 return False
             time.sleep(0.05)
 
-    def _usable_checkpoint(self, candidates: list[int], context: str, checksums: bool) -> int:
-        """The first of `candidates` (newest first) whose every file verifies (`checksums`),
-        or is at least complete (manifest and sizes, without)."""
+    def _complete_checkpoint(self, candidates: list[int], context: str) -> int:
+        """The first of `candidates` (newest first) that is complete: manifest readable, every
+        file at its recorded size (the ranks verify the data as they load it)."""
         from stalwart.snapshot.persist import newest_usable_step
 
-        step = newest_usable_step(self.run_dir, candidates, log=self.log, checksums=checksums)
+        step = newest_usable_step(self.run_dir, candidates, log=self.log, checksums=False)
         if step is None:
             raise RuntimeError(
                 f"{context}: no durable checkpoint could be loaded (tried {candidates or 'none'})"

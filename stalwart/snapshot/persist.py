@@ -588,11 +588,13 @@ def newest_usable_step(
     *,
     checksums: bool = True,
     exclude: Collection[int] = (),
+    below: int | None = None,
 ) -> int | None:
     """The newest of ``candidates`` (default: every complete checkpoint, ``latest`` first) whose
     files all verify; each one that does not is reported through ``log`` and skipped. None when
     none verifies. ``candidates`` may be a function returning the list; steps in ``exclude``
-    (found unusable before) are skipped silently. ``checksums=False`` checks manifests and file
+    (found unusable before) are skipped silently, and so are steps at or above ``below`` (a
+    caller that needs an older one than a step that failed). ``checksums=False`` checks manifests and file
     sizes only (`verify_checkpoint`), for a caller whose loaders verify the data as they read.
 
     A writer may finish a newer checkpoint and prune the one being checked meanwhile (its
@@ -601,7 +603,7 @@ def newest_usable_step(
     for _ in range(_RELIST_ATTEMPTS):
         vanished = False
         for step in _candidate_steps(root, candidates):
-            if step in exclude:
+            if step in exclude or (below is not None and step >= below):
                 continue
             existed = checkpoint_dir(root, step).is_dir()
             try:

@@ -257,6 +257,8 @@ def test_verification_streams_every_file_and_the_newest_usable_step_skips_bad_on
     # loader will catch it), the truncated step 4 does not; excluded steps are skipped.
     assert persist.newest_usable_step(tmp_path, checksums=False) == 6
     assert persist.newest_usable_step(tmp_path, checksums=False, exclude={6}) == 2
+    assert persist.newest_usable_step(tmp_path, checksums=False, below=6) == 2
+    assert persist.newest_usable_step(tmp_path, checksums=False, below=2) is None
     with pytest.raises(CheckpointCorruptError, match="truncated"):
         persist.verify_checkpoint(tmp_path, 4, checksums=False)
     # Candidates restrict the choice (e.g. to the checkpoints that carry an RL pipeline state).
