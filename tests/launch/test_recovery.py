@@ -86,8 +86,8 @@ def test_a_checkpoint_a_worker_finds_corrupt_is_skipped_for_an_older_one(
     original = JobController._newest_durable
     corrupted = []
 
-    def newest_then_corrupt(self):
-        step = original(self)
+    def newest_then_corrupt(self, below=None):
+        step = original(self, below=below)
         if step is not None and not corrupted:
             shard = checkpoint_dir(self.run_dir, step) / "rank00001.safetensors"
             data = bytearray(shard.read_bytes())
