@@ -137,6 +137,16 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection, in FP32 whatever the autocast policy: logits feed losses and
+    sampling. A module call (not a bare F.linear on its weight) so that wrappers that act per
+    module see it run (the offload engine streams it and can run it in chunks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -144,7 +154,7 @@ class GPT(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.RMSNorm(config.width, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.width, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.reset_parameters()
@@ -161,6 +171,9 @@ class GPT(nn.Module):
             std = residual_std if name.endswith(("wo.weight", "w_down.weight")) else 0.02
             values = torch.randn(parameter.shape, generator=generator) * std
             parameter.copy_(values)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -217,7 +230,4 @@ class GPT(nn.Module):
             x = block(x, cos, sin, attn_mask, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length = total
-        x = self.norm(x)
-        # The LM head runs in FP32 whatever the autocast policy: logits feed losses and sampling.
-        with torch.autocast(device_type=device.type, enabled=False):
-            return F.linear(x.float(), self.lm_head.weight.float())
+        return self.lm_head(self.norm(x))

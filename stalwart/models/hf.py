@@ -38,6 +38,9 @@ class HFCausalLM(nn.Module):
         )
         return output.logits.float()
 
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -83,6 +83,7 @@ class StashedCheckpoint:
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
         self.num_bytes = tensor.numel() * tensor.element_size()
         self.slot = slot
+        self.target = target
         self._tensor: torch.Tensor | None = None
         self._write: Future | None = None
         self._read = None

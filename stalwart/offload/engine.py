@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -49,6 +50,7 @@ from stalwart.offload.activations import (
     can_checkpoint,
 )
 from stalwart.offload.aio import AioSettings, align_up, limit_heap_retention, make_aio, malloc_trim
+from stalwart.offload.loss import TokenCrossEntropy, chunked_head_loss
 from stalwart.offload.optimizer import (
     AdamWSettings,
     OutOfCoreAdamW,
@@ -97,6 +99,21 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return rss_bytes()
+
+
+_MIN_SPARE_BYTES = 96 << 20  # the least workspace kept for kernels, threads and the allocator
+
+
+def smallest_budget_bytes(baseline_bytes: int, largest_grad_bytes: int, min_pool_bytes: int) -> int:
+    """The smallest `max_host_memory_gb` (in bytes) whose split leaves `min_pool_bytes` for the
+    buffer pool. The workspace grows with the budget (a quarter of what the runtime leaves, at
+    least `_MIN_SPARE_BYTES`), so the answer is not the sum of today's parts: what is left for the
+    pool, B - baseline - 2 g - max(spare, (B - baseline) / 4), must reach the pool's minimum
+    under both branches of the max."""
+    fixed = 2 * largest_grad_bytes + min_pool_bytes
+    small = baseline_bytes + fixed + _MIN_SPARE_BYTES
+    large = baseline_bytes + -(-4 * fixed // 3)
+    return max(small, large)
 
 
 def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -346,11 +363,17 @@ class OffloadEngine:
         swap = activation_target or getattr(offload_config, "activation_swap", "auto")
         self.default_activation_target = "keep" if swap == "auto" else swap
         self._initialise_store(init_fn)
+        self._head, self._head_unit, self._head_forward = self._find_head()
+        self._bypass_head = False
+        self._bypassed: torch.Tensor | None = None
         self._install_hooks()
         self._forced_activation_target = None if swap == "auto" else swap
         self._auto_plan = self._forced_prefetch_depth is None or swap == "auto"
         self._max_buffer_count = int(offload_config.buffer_count)
         self._checkpoint_bytes: dict[int, int] = {}
+        self._block_width: dict[int, int] = {}
+        self._has_attention: dict[int, bool] = {}
+        self._sequence_length = 0
         self.plan: OffloadPlan | None = None
         self.machine: Machine | None = None
 
@@ -478,18 +501,21 @@ class OffloadEngine:
         # kernels, threads and the allocator, which measured 100-250 MB on a 2-core host: a
         # quarter of what the runtime leaves, at least 96 MiB.
         headroom = max(self.max_host_bytes - self.baseline_rss_bytes, 0)
-        self.workspace_bytes = 2 * largest_grad_bytes + max(96 << 20, headroom // 4)
+        self.workspace_bytes = 2 * largest_grad_bytes + max(_MIN_SPARE_BYTES, headroom // 4)
         # The smallest pool that can run a step: the persistent unit plus two units in flight.
         self.min_pool_bytes = persistent + 2 * largest.working_set_bytes
         available = self.max_host_bytes - self.baseline_rss_bytes - self.workspace_bytes
         if available < self.min_pool_bytes:
-            needed = self.baseline_rss_bytes + self.workspace_bytes + self.min_pool_bytes
+            needed = smallest_budget_bytes(
+                self.baseline_rss_bytes, largest_grad_bytes, self.min_pool_bytes
+            )
             raise ValueError(
                 f"offload.max_host_memory_gb={offload_config.max_host_memory_gb} is too small: the process "
                 f"already uses {self.baseline_rss_bytes / GIB:.2f} GiB, and one step needs "
-                f"{(self.workspace_bytes + self.min_pool_bytes) / GIB:.2f} GiB more (layer '{largest.name}' "
-                f"moves {largest.working_set_bytes / GIB:.3f} GiB of parameters and optimizer state); "
-                f"set it to at least {needed / GIB:.2f}"
+                f"{self.min_pool_bytes / GIB:.2f} GiB of host buffers (layer '{largest.name}' "
+                f"moves {largest.working_set_bytes / GIB:.3f} GiB of parameters and optimizer state) "
+                f"besides a workspace for gradients, activations and kernels; "
+                f"set it to at least {math.ceil(needed / GIB * 100) / 100:.2f}"
             )
         # Activations (checkpoints, one block's recompute, logits) get a share of what is left.
         self.pool_budget_bytes = self.min_pool_bytes + int(0.6 * (available - self.min_pool_bytes))
@@ -792,6 +818,8 @@ class OffloadEngine:
     # hooks
 
     def _enter(self, unit: _Unit) -> None:
+        if self._bypass_head and unit is self._head_unit:
+            return  # the head runs later, in chunks, inside the loss (_chunked_loss)
         unit.seen_in_forward = True
         if self._phase == "backward" or unit.persistent:
             return  # a non-checkpointed unit re-entered by recomputation of its parent
@@ -802,6 +830,8 @@ class OffloadEngine:
 
     def _exit(self, unit: _Unit, output) -> None:
         if self._phase == "backward" or unit.persistent:
+            return
+        if self._bypass_head and unit is self._head_unit:
             return
         self._release(unit)
         if self._phase == "forward" and torch.is_grad_enabled():
@@ -863,20 +893,127 @@ class OffloadEngine:
 
         return forward
 
+    # ------------------------------------------------------------------------------------------
+    # the LM head and the loss, in chunks (loss.py)
+
+    def _find_head(self):
+        """The output projection a `TokenCrossEntropy` loss can run in chunks: the model's
+        `get_output_embeddings()` when it is an `nn.Linear` the model calls as a module."""
+        if not isinstance(self.loss_fn, TokenCrossEntropy):
+            return None, None, None
+        getter = getattr(self.model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if not isinstance(head, nn.Linear):
+            return None, None, None
+        unit = next((u for u in self.units for slot in u.slots if slot.param is head.weight), None)
+        if unit is None:
+            return None, None, None
+        transform = _logit_transform(self.model)
+        if transform:
+            logger.info("the LM head and loss run whole: the model %s", transform)
+            return None, None, None
+        original = head.forward
+        engine = self
+
+        def forward(hidden):
+            # While the engine chunks the loss, the model's forward returns the final hidden
+            # states in place of the logits.
+            if not engine._bypass_head:
+                return original(hidden)
+            engine._bypassed = hidden
+            return hidden
+
+        head.forward = forward
+        return head, unit, original
+
+    def loss_chunk_tokens(self, num_tokens: int) -> int | None:
+        """Rows of logits per chunk for a micro-batch of `num_tokens`, None when unchunked."""
+        if self._head is None:
+            return None
+        requested = self.loss_fn.chunk_tokens
+        if requested == 0:
+            return None
+        if requested:
+            return min(requested, max(num_tokens, 1))
+        # A logit costs about 16 bytes at once: its value in the head's dtype, the loss's
+        # float32 copy, the softmax and its gradient.
+        per_token = 16 * self._head.out_features
+        limit = self.activation_allowance_bytes // 4
+        if num_tokens * per_token <= limit:
+            return None
+        return max(16, limit // per_token)
+
+    def _chunked_loss(self, outputs, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        returned = outputs.logits if hasattr(outputs, "logits") else outputs
+        if isinstance(returned, (tuple, list)):
+            returned = returned[0]
+        hidden, self._bypassed = self._bypassed, None
+        if hidden is None:
+            raise RuntimeError(
+                f"{type(self.model).__name__}.forward did not call its LM head "
+                f"({type(self._head).__name__}) as a module; the loss cannot run in chunks: "
+                "pass loss_fn=TokenCrossEntropy(chunk_tokens=0)"
+            )
+        if returned is not hidden and not _is_upcast_of(returned, hidden):
+            # The model changed its logits after the head (soft-capping, scaling) in a way the
+            # chunks would not reproduce. Nothing has been updated yet in this step.
+            raise RuntimeError(
+                f"{type(self.model).__name__} transforms the output of its LM head before "
+                "returning the logits; the loss cannot run in chunks: pass "
+                "loss_fn=TokenCrossEntropy(chunk_tokens=0)"
+            )
+        unit = self._head_unit
+        self._enter(unit)
+        try:
+            loss = chunked_head_loss(
+                hidden,
+                targets,
+                self._head,
+                self._head_forward,
+                chunk_tokens,
+                self.loss_fn.ignore_index,
+            )
+        except BaseException:
+            self._release(unit)
+            raise
+        self._exit(unit, loss)
+        return loss
+
     def _exit_block(self, unit: _Unit) -> None:
         self._release(unit)
 
     def _stash(self, unit: _Unit, tensor: torch.Tensor) -> StashedCheckpoint:
-        target = self.activation_targets.get(unit.index, self.default_activation_target)
+        num_bytes = tensor.numel() * tensor.element_size()
+        target = self.activation_targets.get(unit.index)
+        if target is None:
+            target = self.default_activation_target
+            if target == "keep" and self._forced_activation_target is None:
+                # No plan yet (the profiling step): keep checkpoints while half the activation
+                # allowance lasts, as the plan will, and swap the rest, so that a long sequence
+                # does not break the budget before the planner has seen it.
+                kept = sum(
+                    stash.num_bytes
+                    for stash in self._checkpoint_calls.values()
+                    if stash.target == "keep"
+                )
+                if kept + num_bytes > self.activation_allowance_bytes // 2:
+                    target = "nvme"
         if target == "nvme" and self.swapper is None:
             target = "keep"
         if target == "nvme":
             num_blocks = sum(1 for u in self.units if u.is_block)
-            self.swapper.ensure(num_blocks, tensor.numel() * tensor.element_size())
-        self._checkpoint_bytes[unit.index] = tensor.numel() * tensor.element_size()
+            self.swapper.ensure(num_blocks, num_bytes)
+        self._checkpoint_bytes[unit.index] = num_bytes
+        if tensor.dim() and self._attention_in(unit):
+            self._block_width[unit.index] = int(tensor.shape[-1])
         stash = StashedCheckpoint(tensor, target, unit.index, self.swapper)
         self._checkpoint_calls[unit.index] = stash
         return stash
+
+    def _attention_in(self, unit: _Unit) -> bool:
+        if unit.index not in self._has_attention:
+            self._has_attention[unit.index] = _has_attention(unit.modules[0])
+        return self._has_attention[unit.index]
 
     def _after_block_backward(self, unit: _Unit) -> None:
         if not unit.trainable and unit.p_buffer is not None:
@@ -1154,6 +1291,7 @@ class OffloadEngine:
             "optimizer_s": self._stats["optimizer_s"],
             "step_time_s": time.perf_counter() - start,
             "pool_peak_bytes": self.pool.peak_bytes,
+            "loss_chunk_tokens": self._stats.get("loss_chunk_tokens"),
             "peak_rss_bytes": peak_rss_bytes() if measured_peak else None,
         }
         self._enforce_budget(metrics["peak_rss_bytes"])
@@ -1179,6 +1317,7 @@ class OffloadEngine:
                 state_bytes=unit.state_bytes,
                 is_block=unit.is_block,
                 checkpoint_bytes=self._checkpoint_bytes.get(unit.index, 0),
+                attention_width=self._block_width.get(unit.index, 0),
                 num_state_sets=unit.num_state_sets,
             )
             for unit in self.units
@@ -1217,6 +1356,7 @@ class OffloadEngine:
             device_memory_bytes=device_bytes if self.compute_device.type == "cuda" else None,
             forced_prefetch_depth=self._forced_prefetch_depth,
             forced_activation_target=self._forced_activation_target,
+            sequence_length=self._sequence_length,
         )
         self.prefetch_depth = self.plan.prefetch_depth
         self.activation_targets = dict(self.plan.activation_targets)
@@ -1252,10 +1392,20 @@ class OffloadEngine:
                     self._make_resident(unit)
                 self._phase = "forward"
                 started = time.perf_counter()
-                outputs = self.model(_to_device(inputs, self.compute_device))
-                loss = self.loss_fn(outputs, _to_device(targets, self.compute_device)) / len(
-                    micro_batches
-                )
+                chunk_tokens = self.loss_chunk_tokens(_num_tokens(inputs))
+                self._sequence_length = _sequence_length(inputs)
+                self._bypass_head = chunk_tokens is not None
+                try:
+                    outputs = self.model(_to_device(inputs, self.compute_device))
+                finally:
+                    self._bypass_head = False
+                targets = _to_device(targets, self.compute_device)
+                if chunk_tokens is None:
+                    loss = self.loss_fn(outputs, targets)
+                else:
+                    loss = self._chunked_loss(outputs, targets, chunk_tokens)
+                    self._stats["loss_chunk_tokens"] = chunk_tokens
+                loss = loss / len(micro_batches)
                 del outputs
                 self._phase = "backward"
                 self.settle()  # units the forward did not use; their gradient spans are reused
@@ -1647,6 +1797,52 @@ def _num_tokens(inputs) -> int:
         return _num_tokens(next(iter(inputs.values())))
     if isinstance(inputs, tuple | list) and inputs:
         return _num_tokens(inputs[0])
+    return 0
+
+
+def _logit_transform(model: nn.Module) -> str | None:
+    """What a Hugging Face model does to its logits after the LM head, per its config (Gemma 2
+    and 3 soft-cap them, Granite and Cohere scale them), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if getattr(config, "final_logit_softcapping", None):
+        return f"soft-caps its logits (final_logit_softcapping={config.final_logit_softcapping})"
+    for key in ("logits_scaling", "logit_scale"):
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0):
+            return f"scales its logits ({key}={value})"
+    return None
+
+
+def _is_upcast_of(returned, hidden: torch.Tensor) -> bool:
+    """Whether `returned` is `hidden` cast to another dtype and nothing else (a wrapper's
+    `.float()` on what it takes for the logits)."""
+    if not isinstance(returned, torch.Tensor) or returned.shape != hidden.shape:
+        return False
+    node = returned.grad_fn
+    if node is None or type(node).__name__ != "ToCopyBackward0":
+        return False
+    source = node.next_functions[0][0] if node.next_functions else None
+    return source is not None and source is hidden.grad_fn
+
+
+def _has_attention(module: nn.Module) -> bool:
+    """Whether a block holds an attention layer (by the names every transformer library uses)."""
+    return any(
+        "attention" in type(m).__name__.lower() or name.rpartition(".")[2].startswith("attn")
+        for name, m in module.named_modules()
+    )
+
+
+def _sequence_length(inputs) -> int:
+    """Tokens per sequence of a [batch, length] token batch (0 when the shape says nothing)."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[-1]) if inputs.dim() >= 1 else 0
+    if isinstance(inputs, dict) and inputs:
+        return _sequence_length(next(iter(inputs.values())))
+    if isinstance(inputs, tuple | list) and inputs:
+        return _sequence_length(inputs[0])
     return 0
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stalwart.config import OffloadConfig, OptimConfig
 from stalwart.offload.engine import GIB, OffloadEngine, empty_parameters
+from stalwart.offload.loss import TokenCrossEntropy
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +131,6 @@ def streaming_initializer(model_dir: Path):
     return init_fn
 
 
-def causal_lm_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-
-
 def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to `peak`, cosine decay to 10% of it."""
     if step < warmup_steps:
@@ -172,7 +167,9 @@ def run_finetune(args) -> dict:
         model,
         offload,
         optim,
-        loss_fn=causal_lm_loss,
+        # Next-token cross-entropy; with a large vocabulary the engine runs the LM head and the
+        # loss in chunks of tokens, so the logits never take the host-memory budget whole.
+        loss_fn=TokenCrossEntropy(),
         run_dir=run_dir,
         init_fn=streaming_initializer(model_dir),
         precision=args.precision,

@@ -6,6 +6,9 @@ aio back-end the engine uses (O_DIRECT, so the page cache does not flatter the d
 
 Model (`plan_offload`), per step with T tokens and the engine's byte counts per unit:
 - compute: 2 FLOPs per parameter and token forward, 4 backward, 2 more to recompute each block;
+  plus causal attention, which no parameter count sees and which dominates long sequences:
+  2 s w FLOPs per token and block forward (QK^T and AV over s/2 keys on average, width w),
+  4x that with the backward and the recompute, at the attention kernel's own measured rate;
 - NVMe: parameters read twice (forward and backward), AdamW state (and the fp32 master, with
   bf16 working parameters) read once, parameters and state written once, gradients written once when clipping is on (and twice more per extra
   micro-batch for accumulation), plus every swapped checkpoint written and read;
@@ -43,10 +46,18 @@ class Machine:
     nvme_write_bytes_per_s: float
     host_to_device_bytes_per_s: float | None = None
     device_name: str = "cpu"
+    # Causal scaled-dot-product attention, forward + backward, in model FLOPs per second (its
+    # kernels run well below the matmul rate on CPUs); None: the matmul rate.
+    attention_flops_per_s: float | None = None
 
     def describe(self) -> str:
         parts = [
             f"compute {self.compute_flops_per_s / 1e9:.1f} GFLOP/s ({self.device_name})",
+            *(
+                [f"attention {self.attention_flops_per_s / 1e9:.1f} GFLOP/s"]
+                if self.attention_flops_per_s
+                else []
+            ),
             f"host copy {self.host_copy_bytes_per_s / 1e9:.2f} GB/s",
             f"NVMe read {self.nvme_read_bytes_per_s / 1e9:.2f} GB/s",
             f"NVMe write {self.nvme_write_bytes_per_s / 1e9:.2f} GB/s",
@@ -72,6 +83,32 @@ def _matmul_flops_per_s(
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def _attention_flops_per_s(
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    length: int = 1024,
+    heads: int = 4,
+    head_dim: int = 64,
+) -> float:
+    """Causal SDPA forward + backward on one sequence, as model FLOPs (3x the forward's
+    2 s^2 d per head: QK^T and AV over half the keys) per second."""
+    shape = (1, heads, length, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def run():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(torch.ones_like(out))
+
+    run()  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 3 * 2 * length**2 * head_dim * heads / (time.perf_counter() - start)
+
+
 def _copy_bytes_per_s(source: torch.Tensor, target: torch.Tensor, repeats: int = 3) -> float:
     target.copy_(source)
     if target.device.type == "cuda" or source.device.type == "cuda":
@@ -93,6 +130,7 @@ def measure_machine(
     """Measure compute (matmuls in the dtype the model computes in), memory and NVMe
     bandwidths (about a second)."""
     flops = _matmul_flops_per_s(compute_device, dtype=compute_dtype)
+    attention = _attention_flops_per_s(compute_device, dtype=compute_dtype)
     host = torch.empty(16 << 20, dtype=torch.uint8)
     host_copy = _copy_bytes_per_s(host, torch.empty_like(host))
     host_to_device = None
@@ -106,7 +144,7 @@ def measure_machine(
     else:  # offload.device: cpu, the "drive" is host memory
         read = write = host_copy
     name = torch.cuda.get_device_name(compute_device) if compute_device.type == "cuda" else "cpu"
-    return Machine(flops, host_copy, read, write, host_to_device, name)
+    return Machine(flops, host_copy, read, write, host_to_device, name, attention)
 
 
 @dataclass(frozen=True)
@@ -120,6 +158,7 @@ class UnitCost:
     state_bytes: int  # one fp32 set: exp_avg / exp_avg_sq / gradient / master
     is_block: bool
     checkpoint_bytes: int = 0  # the block's input for the planned batch
+    attention_width: int = 0  # a block's hidden width (its attention's q.k width); 0: none
     num_state_sets: int = 2  # exp_avg, exp_avg_sq (+ the fp32 master with bf16 parameters)
 
 
@@ -165,11 +204,14 @@ def plan_offload(
     device_memory_bytes: int | None = None,
     forced_prefetch_depth: int | None = None,
     forced_activation_target: str | None = None,
+    sequence_length: int = 0,
 ) -> OffloadPlan:
     num_params = sum(u.num_params for u in units)
     block_params = sum(u.num_params for u in units if u.is_block)
     flops = (6 * num_params + 2 * block_params) * tokens_per_step
     compute_s = flops / machine.compute_flops_per_s
+    attention_flops = 8 * sequence_length * tokens_per_step * sum(u.attention_width for u in units)
+    compute_s += attention_flops / (machine.attention_flops_per_s or machine.compute_flops_per_s)
 
     # Activation placement: keep while the allowance lasts, then swap the earliest blocks.
     blocks = sorted((u for u in units if u.is_block), key=lambda u: u.index)

@@ -442,6 +442,7 @@ def _offload_engine(model, config: RunConfig, world_size: int, run_dir: Path):
     """The offload engine for `offload.device: cpu|nvme` (one rank, no quantization recipe);
     `trainer.precision: bf16` selects bf16 working parameters with fp32 master weights."""
     from stalwart.offload.engine import OffloadEngine
+    from stalwart.offload.loss import TokenCrossEntropy
 
     if world_size > 1:
         raise ValueError(
@@ -457,11 +458,7 @@ def _offload_engine(model, config: RunConfig, world_size: int, run_dir: Path):
         model,
         config.offload,
         config.optim,
-        loss_fn=_logits_loss,
+        loss_fn=TokenCrossEntropy(),  # the engine may run the LM head and loss in chunks
         run_dir=run_dir,
         precision=config.trainer.precision,
     )
-
-
-def _logits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -49,6 +49,35 @@ def test_budget_too_small_for_one_layer(tmp_path):
         _engine(offload_config(tmp_path, max_host_memory_gb=0.05))
 
 
+def test_the_suggested_budget_is_enough(tmp_path):
+    """The workspace grows with the budget, so the smallest budget is not today's parts added
+    up: following the message must work (large layers, where the quarter dominates)."""
+    import re
+
+    from stalwart.offload.engine import empty_parameters
+
+    def model():
+        with empty_parameters():  # a 16 M-parameter embedding and head, never materialised
+            return tiny_gpt(depth=1, vocab_size=32000, width=512, num_heads=8)
+
+    with pytest.raises(ValueError, match="set it to at least") as refused:
+        OffloadEngine(
+            model(),
+            offload_config(tmp_path, max_host_memory_gb=0.05),
+            optim_config(),
+            loss_fn=lm_loss,
+        )
+    suggested = float(re.search(r"set it to at least (\d+\.\d+)", str(refused.value)).group(1))
+    # A little slack for the RSS of this process moving between the two constructions.
+    engine = OffloadEngine(
+        model(),
+        offload_config(tmp_path, max_host_memory_gb=suggested + 0.02),
+        optim_config(),
+        loss_fn=lm_loss,
+    )
+    engine.close()
+
+
 def test_device_none_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="needs 'cpu' or 'nvme'"):
         _engine(OffloadConfig(device="none"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from offload_helpers import batches, lm_loss, offload_config, optim_config, tiny_gpt
 
+from stalwart.offload.aio import align_up
 from stalwart.offload.engine import OffloadEngine
 from stalwart.offload.planner import Machine, UnitCost, plan_offload
 
@@ -118,3 +119,83 @@ def test_swapped_checkpoints_give_identical_training(tmp_path):
     assert kept_swapped == 0 and swapped_bytes > 0
     for name in kept:
         assert torch.equal(kept[name], swapped[name]), name
+
+
+def test_causal_attention_is_counted_at_its_own_rate():
+    """Parameter counts do not see attention: at long sequences it is most of the compute."""
+    machine = Machine(
+        compute_flops_per_s=100e9,
+        host_copy_bytes_per_s=10e9,
+        nvme_read_bytes_per_s=2e9,
+        nvme_write_bytes_per_s=1e9,
+        attention_flops_per_s=25e9,
+    )
+    units = [
+        UnitCost(
+            u.index,
+            u.name,
+            u.num_params,
+            u.param_bytes,
+            u.state_bytes,
+            u.is_block,
+            u.checkpoint_bytes,
+            attention_width=512 if u.is_block else 0,
+        )
+        for u in _units()
+    ]
+    options = dict(
+        tokens_per_step=4096,
+        num_microbatches=1,
+        clipping=True,
+        pool_budget_bytes=2 << 30,
+        activation_allowance_bytes=1 << 30,
+        max_buffer_count=6,
+    )
+    short = plan_offload(units, machine, sequence_length=0, **options)
+    long = plan_offload(units, machine, sequence_length=4096, **options)
+    # 8 blocks x 8 s w FLOPs per token (forward 2 s w over half the keys; backward, recompute)
+    expected = 8 * (8 * 4096 * 512) * 4096 / 25e9
+    assert long.compute_s - short.compute_s == pytest.approx(expected, rel=1e-9)
+    assert long.predicted_step_s > short.predicted_step_s
+
+
+def test_the_engine_gives_the_planner_sequence_length_and_attention_width(tmp_path):
+    engine = OffloadEngine(
+        tiny_gpt(depth=2),
+        offload_config(tmp_path),
+        optim_config(),
+        loss_fn=lm_loss,
+        optimizer_kernel="torch",
+        aio_backend="threadpool",
+    )
+    engine.train_step(batches(1, num_micro=1, vocab=259, length=12)[0], 1e-3)
+    widths = {cost.name: cost.attention_width for cost in engine.unit_costs()}
+    assert widths["blocks.0"] == widths["blocks.1"] == 128  # GPT depth 2: width 128
+    assert widths["lm_head"] == widths["token_embedding"] == 0
+    assert engine._sequence_length == 12
+    assert engine.machine.attention_flops_per_s > 0
+    engine.close()
+
+
+def test_the_profiling_step_swaps_checkpoints_beyond_half_the_allowance(tmp_path):
+    """Before any plan, a long sequence must not pile every block's checkpoint into memory."""
+    from offload_helpers import named_parameters, reference_train
+
+    steps = batches(1, num_micro=1, vocab=259)
+    reference = tiny_gpt(depth=4)
+    reference_train(reference, steps, optim_config(), [1e-2])
+    engine = OffloadEngine(
+        tiny_gpt(depth=4),
+        offload_config(tmp_path),
+        optim_config(),
+        loss_fn=lm_loss,
+        optimizer_kernel="torch",
+    )
+    checkpoint_bytes = 2 * 12 * 256 * 4  # batch x length x width, float32
+    engine.activation_allowance_bytes = 4 * checkpoint_bytes  # half of it: two checkpoints
+    metrics = engine.train_step(steps[0], 1e-2)
+    assert metrics["activation_bytes_swapped"] == 2 * align_up(checkpoint_bytes)
+    params = engine.gather_parameters()
+    for name, want in named_parameters(reference).items():
+        assert torch.equal(params[name], want), name
+    engine.close()

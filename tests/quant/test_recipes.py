@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stalwart.config import ConfigError, QuantConfig, load_config
-from stalwart.models.gpt import GPT, GPTConfig
+from stalwart.models.gpt import GPT, GPTConfig, LMHead
 from stalwart.quant.linear import QuantLinear
 from stalwart.quant.recipes import (
     RECIPE_NAMES,
@@ -57,7 +57,7 @@ def test_convert_swaps_block_linears_and_keeps_parameters(name):
             "mlp.w_down",
         )
     }
-    assert type(model.lm_head) is nn.Linear and type(model.token_embedding) is nn.Embedding
+    assert type(model.lm_head) is LMHead and type(model.token_embedding) is nn.Embedding
     # same Parameter objects, same state_dict keys and values: checkpoints keep working
     assert all(p is parameters[n] for n, p in model.named_parameters())
     after = model.state_dict()
