@@ -104,6 +104,39 @@ def peak_rss_bytes() -> int:
 _MIN_SPARE_BYTES = 96 << 20  # the least workspace kept for kernels, threads and the allocator
 
 
+def budget_split(
+    max_host_bytes: int, baseline_bytes: int, largest_grad_bytes: int, min_pool_bytes: int
+) -> tuple[int, int, int]:
+    """How a host budget is divided: (workspace, buffer pool, activation allowance).
+
+    Outside the pool: autograd's gradients of the unit in backward before they are copied into
+    a pool buffer (two units at a boundary), and the transient memory of kernels, threads and
+    the allocator, which measured 100-250 MB on a 2-core host: a quarter of what the runtime
+    leaves, at least `_MIN_SPARE_BYTES`. Of the rest the pool gets its minimum and 60% of what
+    remains; activations (checkpoints, logits, one block's recomputation) the other 40%."""
+    headroom = max(max_host_bytes - baseline_bytes, 0)
+    workspace = 2 * largest_grad_bytes + max(_MIN_SPARE_BYTES, headroom // 4)
+    available = max_host_bytes - baseline_bytes - workspace
+    pool = min_pool_bytes + int(0.6 * (available - min_pool_bytes))
+    return workspace, pool, available - pool
+
+
+def activation_room_bytes(
+    max_host_bytes: int, baseline_bytes: int, largest_grad_bytes: int, min_pool_bytes: int
+) -> int:
+    """Room for what grows with a micro-batch and nothing bounds (one block's recomputation,
+    the head's hidden states), with the pool at its minimum: the workspace beyond the gradients
+    and the kernels' spare, a quarter of the allowance, and the pool's share above its
+    minimum. Negative when the pool's minimum does not fit."""
+    workspace, pool, allowance = budget_split(
+        max_host_bytes, baseline_bytes, largest_grad_bytes, min_pool_bytes
+    )
+    if allowance < 0:
+        return allowance
+    spare = workspace - 2 * largest_grad_bytes - _MIN_SPARE_BYTES
+    return spare + allowance // 4 + pool - min_pool_bytes
+
+
 def smallest_budget_bytes(baseline_bytes: int, largest_grad_bytes: int, min_pool_bytes: int) -> int:
     """The smallest `max_host_memory_gb` (in bytes) whose split leaves `min_pool_bytes` for the
     buffer pool. The workspace grows with the budget (a quarter of what the runtime leaves, at
@@ -373,6 +406,8 @@ class OffloadEngine:
         self._checkpoint_bytes: dict[int, int] = {}
         self._block_width: dict[int, int] = {}
         self._has_attention: dict[int, bool] = {}
+        self._room_checked_tokens = 0  # the longest micro-batch the budget was checked for
+        self.activation_reserve_bytes = 0  # taken from the pool for one block's recomputation
         self._sequence_length = 0
         self.plan: OffloadPlan | None = None
         self.machine: Machine | None = None
@@ -496,14 +531,17 @@ class OffloadEngine:
         # unit stays resident through the step.
         persistent = sum(u.working_set_bytes for u in self.units if u.persistent)
         largest_grad_bytes = max((u.state_bytes for u in self.units), default=0)
-        # Outside the pool: autograd's gradients of the unit in backward before they are copied
-        # into a pool buffer (two units at a boundary), activations, and the transient memory of
-        # kernels, threads and the allocator, which measured 100-250 MB on a 2-core host: a
-        # quarter of what the runtime leaves, at least 96 MiB.
-        headroom = max(self.max_host_bytes - self.baseline_rss_bytes, 0)
-        self.workspace_bytes = 2 * largest_grad_bytes + max(_MIN_SPARE_BYTES, headroom // 4)
+        self._largest_grad_bytes = largest_grad_bytes
         # The smallest pool that can run a step: the persistent unit plus two units in flight.
         self.min_pool_bytes = persistent + 2 * largest.working_set_bytes
+        self.workspace_bytes, self.pool_budget_bytes, self.activation_allowance_bytes = (
+            budget_split(
+                self.max_host_bytes,
+                self.baseline_rss_bytes,
+                largest_grad_bytes,
+                self.min_pool_bytes,
+            )
+        )
         available = self.max_host_bytes - self.baseline_rss_bytes - self.workspace_bytes
         if available < self.min_pool_bytes:
             needed = smallest_budget_bytes(
@@ -517,9 +555,6 @@ class OffloadEngine:
                 f"besides a workspace for gradients, activations and kernels; "
                 f"set it to at least {math.ceil(needed / GIB * 100) / 100:.2f}"
             )
-        # Activations (checkpoints, one block's recompute, logits) get a share of what is left.
-        self.pool_budget_bytes = self.min_pool_bytes + int(0.6 * (available - self.min_pool_bytes))
-        self.activation_allowance_bytes = available - self.pool_budget_bytes
 
         if offload_config.device == "nvme":
             root = check_nvme_path(offload_config.nvme_path)
@@ -1255,6 +1290,7 @@ class OffloadEngine:
             ("wait_s", "forward_s", "backward_s", "optimizer_s", "sweep_s", "drain_s"), 0.0
         )
         self._lr = float(lr)
+        self.check_activation_room(max(_num_tokens(inputs) for inputs, _ in micro_batches))
         deferred = self._defer = self.settings.grad_clip > 0 and self._last_decision == "clip"
         loss, norm = self._run_pass(micro_batches)
         self._on_phase("optimizer")
@@ -1363,6 +1399,79 @@ class OffloadEngine:
         logger.info(self.plan.describe())
         malloc_trim()
         return self.plan
+
+    def recompute_estimate_bytes(self, num_tokens: int) -> int:
+        """What a micro-batch of `num_tokens` needs outside the pool and beyond what the
+        allowance bounds: one block's recomputation with its backward, estimated from the
+        block's linear layers (2.5 x the sum of their input and output widths per token, in the
+        compute dtype: 0.9-2.3x of it measured on Llama blocks of 256-1024 wide, 2-8k tokens,
+        fp32 and bf16, SDPA attention), plus the hidden states the LM head takes and their
+        gradient."""
+        item = torch.empty(0, dtype=self.compute_dtype).element_size()
+        widths = [
+            sum(
+                m.in_features + m.out_features
+                for m in unit.modules[0].modules()
+                if isinstance(m, nn.Linear)
+            )
+            for unit in self.units
+            if unit.is_block
+        ]
+        recompute = int(2.5 * max(widths, default=0) * num_tokens * item)
+        hidden = 0
+        if self._head is not None:  # the head's input, a float32 copy of it, their gradients
+            hidden = 2 * num_tokens * self._head.in_features * (item + 4)
+        return recompute + hidden
+
+    def check_activation_room(self, num_tokens: int) -> None:
+        """Before a step with micro-batches of up to `num_tokens`: make room for the
+        activations that grow with it and nothing bounds (`recompute_estimate_bytes`), taking
+        it from the buffer pool down to the pool's minimum, or fail saying what is needed.
+
+        Block checkpoints and logits are bounded by the allowance (swapped, chunked); the
+        workspace beyond autograd's gradients and the kernels' spare, and a quarter of the
+        allowance, are the room for the rest."""
+        if num_tokens <= self._room_checked_tokens:
+            return
+        need = self.recompute_estimate_bytes(num_tokens)
+        spare_workspace = max(
+            self.workspace_bytes - 2 * self._largest_grad_bytes - _MIN_SPARE_BYTES, 0
+        )
+        room = spare_workspace + self.activation_allowance_bytes // 4
+        room += self.activation_reserve_bytes
+        if need > room:
+            extra = need - room
+            available = self.pool.budget_bytes - self.min_pool_bytes
+            if extra > available:
+                sizes = (self.baseline_rss_bytes, self._largest_grad_bytes, self.min_pool_bytes)
+                low, high = self.max_host_bytes, 2 * self.max_host_bytes + 4 * need
+                while high - low > (1 << 20):  # the room grows with the budget: bisect
+                    middle = (low + high) // 2
+                    if activation_room_bytes(middle, *sizes) >= need:
+                        high = middle
+                    else:
+                        low = middle
+                raise ValueError(
+                    f"a micro-batch of {num_tokens} tokens needs about {need / GIB:.2f} GiB for "
+                    "one block's recomputation and the LM head's hidden states (estimated from "
+                    "the block's linear layers), and offload.max_host_memory_gb="
+                    f"{self.max_host_bytes / GIB:g} leaves {(room + available) / GIB:.2f} GiB "
+                    "for them beside the smallest buffer pool: lower the batch size or the "
+                    "sequence length, or set offload.max_host_memory_gb to at least "
+                    f"{math.ceil(high / GIB * 100) / 100:.2f}"
+                )
+            self.pool.budget_bytes -= extra
+            self.activation_reserve_bytes += extra
+            self.pool.shrink()
+            logger.info(
+                "micro-batches of %d tokens: %.3f GiB moved from the buffer pool to activations "
+                "(one block's recomputation needs about %.3f GiB); pool now %.3f GiB",
+                num_tokens,
+                extra / GIB,
+                need / GIB,
+                self.pool.budget_bytes / GIB,
+            )
+        self._room_checked_tokens = num_tokens
 
     def _enforce_budget(self, step_peak_bytes: int | None) -> None:
         """If a step's peak RSS overshot the budget, give the pool that much less from now on."""

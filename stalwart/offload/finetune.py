@@ -174,6 +174,11 @@ def run_finetune(args) -> dict:
         init_fn=streaming_initializer(model_dir),
         precision=args.precision,
     )
+    try:  # a micro-batch too long for the host budget fails here, before any step
+        engine.check_activation_room(args.batch_size * args.context_length)
+    except ValueError:
+        engine.close()
+        raise
     start = 0
     if args.resume:
         if latest_step(run_dir) is None:

@@ -454,7 +454,7 @@ def _offload_engine(model, config: RunConfig, world_size: int, run_dir: Path):
             f"offload.device={config.offload.device!r} with quant.recipe={config.quant.recipe!r}: "
             "the offload engine trains unquantized layers; set quant.recipe: bf16"
         )
-    return OffloadEngine(
+    engine = OffloadEngine(
         model,
         config.offload,
         config.optim,
@@ -462,3 +462,10 @@ def _offload_engine(model, config: RunConfig, world_size: int, run_dir: Path):
         run_dir=run_dir,
         precision=config.trainer.precision,
     )
+    micro_batch = config.trainer.batch_size // config.trainer.grad_accum_steps
+    try:  # a micro-batch too long for the host budget fails here, before any step
+        engine.check_activation_room(micro_batch * config.model.context_length)
+    except ValueError:
+        engine.close()
+        raise
+    return engine

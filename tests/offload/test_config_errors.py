@@ -86,3 +86,59 @@ def test_device_none_is_rejected(tmp_path):
 def test_bad_block_size(tmp_path):
     with pytest.raises(ValueError, match="block_size=5000 must be a multiple of 4096"):
         _engine(offload_config(tmp_path, aio={"block_size": 5000}))
+
+
+def test_a_micro_batch_too_long_for_the_budget_is_refused_before_the_step(tmp_path):
+    """One block's recomputation grows with the tokens of a micro-batch and nothing bounds it:
+    a batch whose estimate does not fit beside the smallest pool stops before any work, and the
+    budget the message names is enough."""
+    import re
+
+    import torch
+
+    from stalwart.models.gpt import GPT, GPTConfig
+
+    def model():
+        return GPT(GPTConfig(context_length=300_000, depth=2))
+
+    engine = OffloadEngine(
+        model(), offload_config(tmp_path, max_host_memory_gb=2.0), optim_config(), loss_fn=lm_loss
+    )
+    before = engine.gather_parameters()
+    tokens = torch.zeros(1, 300_001, dtype=torch.long)
+    with pytest.raises(ValueError, match="a micro-batch of 300000 tokens needs about") as refused:
+        engine.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
+    assert "lower the batch size or the sequence length" in str(refused.value)
+    after = engine.gather_parameters()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert engine.step_count == 0
+    engine.close()
+    suggested = float(re.search(r"at least (\d+\.\d+)", str(refused.value)).group(1))
+    roomy = OffloadEngine(
+        model(),
+        offload_config(tmp_path, max_host_memory_gb=suggested + 0.02),
+        optim_config(),
+        loss_fn=lm_loss,
+    )
+    roomy.check_activation_room(300_000)  # does not raise
+    roomy.close()
+
+
+def test_a_long_micro_batch_takes_its_room_from_the_pool(tmp_path):
+    engine = OffloadEngine(tiny_gpt(), offload_config(tmp_path), optim_config(), loss_fn=lm_loss)
+    per_token = engine.recompute_estimate_bytes(1)
+    assert engine.recompute_estimate_bytes(1000) == pytest.approx(1000 * per_token, rel=1e-3)
+    spare = engine.workspace_bytes - 2 * engine._largest_grad_bytes - (96 << 20)
+    room = max(spare, 0) + engine.activation_allowance_bytes // 4
+    spare_pool = engine.pool.budget_bytes - engine.min_pool_bytes
+    pool_before = engine.pool.budget_bytes
+    engine.check_activation_room(room // per_token - 1)  # fits: nothing moves
+    assert engine.pool.budget_bytes == pool_before and engine.activation_reserve_bytes == 0
+    tokens = (room + spare_pool // 2) // per_token
+    engine.check_activation_room(tokens)
+    need = engine.recompute_estimate_bytes(tokens)
+    assert engine.activation_reserve_bytes == need - room
+    assert engine.pool.budget_bytes == pool_before - (need - room)
+    engine.check_activation_room(tokens // 2)  # shorter batches were covered already
+    assert engine.activation_reserve_bytes == need - room
+    engine.close()

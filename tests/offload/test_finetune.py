@@ -79,3 +79,13 @@ def test_finetune_errors_are_clear(model_and_data, tmp_path):
     args.model = str(tmp / "nowhere")
     with pytest.raises(ValueError, match="no config.json"):
         run_finetune(args)
+
+
+def test_finetune_refuses_a_micro_batch_too_long_for_the_budget_before_training(model_and_data):
+    tmp, _ = model_and_data
+    args = _args(tmp, "--steps", "1", "--batch-size", "2000000")
+    with pytest.raises(ValueError, match="a micro-batch of 32000000 tokens needs about"):
+        run_finetune(args)
+    metrics = tmp / "run" / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
+    assert list((tmp / "nvme").iterdir()) == []  # the engine's files went with it
