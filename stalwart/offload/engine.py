@@ -655,8 +655,10 @@ class OffloadEngine:
 
     def _install_hooks(self) -> None:
         for unit in self.units:
-            if unit.persistent:
-                continue
+            if unit.persistent and not unit.provisional:
+                continue  # shared parameters: resident through every step
+            # A provisional unit is resident through the first step; its hooks record whether
+            # its module's own forward ran (`seen_in_forward`) and stream it from then on.
             module = unit.modules[0]
             if unit.is_block:
                 module.forward = self._block_forward(unit, module.forward)
@@ -979,6 +981,27 @@ class OffloadEngine:
         return max(16, limit // per_token)
 
     def _chunked_loss(self, outputs, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        hidden = self._take_bypassed(outputs)
+        unit = self._head_unit
+        self._enter(unit)
+        try:
+            loss = chunked_head_loss(
+                hidden,
+                targets,
+                self._head,
+                self._head_forward,
+                chunk_tokens,
+                self.loss_fn.ignore_index,
+            )
+        except BaseException:
+            self._release(unit)
+            raise
+        self._exit(unit, loss)
+        return loss
+
+    def _take_bypassed(self, outputs) -> torch.Tensor:
+        """The hidden states the head was bypassed with, checked against what the model
+        returned in place of its logits."""
         returned = outputs.logits if hasattr(outputs, "logits") else outputs
         if isinstance(returned, (tuple, list)):
             returned = returned[0]
@@ -997,22 +1020,7 @@ class OffloadEngine:
                 "returning the logits; the loss cannot run in chunks: pass "
                 "loss_fn=TokenCrossEntropy(chunk_tokens=0)"
             )
-        unit = self._head_unit
-        self._enter(unit)
-        try:
-            loss = chunked_head_loss(
-                hidden,
-                targets,
-                self._head,
-                self._head_forward,
-                chunk_tokens,
-                self.loss_fn.ignore_index,
-            )
-        except BaseException:
-            self._release(unit)
-            raise
-        self._exit(unit, loss)
-        return loss
+        return hidden
 
     def _exit_block(self, unit: _Unit) -> None:
         self._release(unit)
@@ -1600,6 +1608,34 @@ class OffloadEngine:
         self.step_count += 1
 
     @torch.no_grad()
+    @torch.no_grad()
+    def evaluate_loss(self, inputs, targets: torch.Tensor) -> torch.Tensor:
+        """`loss_fn` of the model's output outside training (evaluation); with a
+        `TokenCrossEntropy` and logits too large for a quarter of the activation allowance,
+        the head and the loss run in chunks, as in a training step."""
+        targets = _to_device(targets, self.compute_device)
+        chunk_tokens = self.loss_chunk_tokens(_num_tokens(inputs))
+        if chunk_tokens is None:
+            return self.loss_fn(self.run_forward(inputs), targets)
+        self._bypass_head = True
+        try:
+            outputs = self.run_forward(inputs)
+        finally:
+            self._bypass_head = False
+        hidden = self._take_bypassed(outputs)
+        try:
+            self._make_resident(self._head_unit)
+            return chunked_head_loss(
+                hidden,
+                targets,
+                self._head,
+                self._head_forward,
+                chunk_tokens,
+                self.loss_fn.ignore_index,
+            )
+        finally:
+            self._release_all(self._head_unit)
+
     def run_forward(self, inputs):
         """The model's output for `inputs` outside training (evaluation, generation)."""
         try:

@@ -166,9 +166,11 @@ class Trainer:
             yield windows[:, :-1], windows[:, 1:]
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        forward = self.offload.run_forward if self.offload is not None else self.model
+        if self.offload is not None:  # evaluation: the engine may chunk the head and the loss
+            with self._autocast:
+                return self.offload.evaluate_loss(inputs, targets)
         with self._autocast:
-            logits = forward(inputs)
+            logits = self.model(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _sync_context(self, last_micro: bool):

@@ -227,3 +227,17 @@ def test_a_wrapper_that_upcasts_the_logits_is_chunked_from_the_bf16_hidden_state
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
     for name in whole_params:
         torch.testing.assert_close(chunked_params[name], whole_params[name], rtol=0, atol=2e-2)
+
+
+def test_evaluation_runs_the_head_and_loss_in_chunks_too(tmp_path):
+    engine = _engine(tiny_gpt(vocab_size=96), tmp_path, TokenCrossEntropy(chunk_tokens=5))
+    steps = batches(2, num_micro=1, vocab=96)
+    engine.train_step(steps[0], 1e-2)
+    inputs, targets = steps[1][0]
+    chunked = engine.evaluate_loss(inputs, targets)
+    whole = F.cross_entropy(engine.run_forward(inputs).flatten(0, 1).float(), targets.flatten())
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    # Evaluation leaves nothing resident, and training goes on as before.
+    assert all(unit.p_buffer is None for unit in engine.units)
+    assert engine.train_step(steps[1], 1e-2)["loss_chunk_tokens"] == 5
+    engine.close()

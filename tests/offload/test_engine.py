@@ -348,3 +348,38 @@ def test_clipped_update_is_applied_by_the_next_forward_without_reading_parameter
     assert restored.param_steps == engine.param_steps
     engine.close()
     restored.close()
+
+
+def test_modules_outside_the_blocks_stream_once_the_first_step_saw_them_run(tmp_path):
+    """Embedding, final norm and LM head are resident through the first step, which records
+    whether their own forward runs; from then on they are fetched and released like blocks.
+    Tied weights stay resident (two units use them)."""
+    optim = optim_config(grad_clip=1.0)
+    steps = batches(3, num_micro=2, vocab=259)
+    lrs = [1e-2, 5e-3, 2e-3]
+    for tied in (False, True):
+        reference = tiny_gpt(tie_embeddings=tied)
+        reference_train(reference, steps, optim, lrs)
+        directory = tmp_path / str(tied)
+        directory.mkdir()
+        engine = OffloadEngine(
+            tiny_gpt(tie_embeddings=tied),
+            offload_config(directory),
+            optim,
+            loss_fn=lm_loss,
+            optimizer_kernel="torch",
+        )
+        resident = {unit.name: unit.persistent for unit in engine.units}
+        assert resident["norm"] and resident.get("token_embedding", True)  # until the first step
+        for micro_batches, lr in zip(steps, lrs):
+            engine.train_step(micro_batches, lr)
+            assert all(unit.p_buffer is None for unit in engine.units if not unit.persistent)
+        resident = {unit.name: unit.persistent for unit in engine.units}
+        assert not resident["norm"]
+        assert resident.get("token_embedding", False) is False
+        if tied:
+            assert resident["<persistent>"] and "lm_head" not in resident
+        else:
+            assert not resident["lm_head"]
+        _assert_identical(named_parameters(reference), engine.gather_parameters())
+        engine.close()
