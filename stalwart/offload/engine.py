@@ -980,19 +980,22 @@ class OffloadEngine:
             return None
         return max(16, limit // per_token)
 
+    def _head_loss(self, hidden: torch.Tensor, targets, chunk_tokens: int) -> torch.Tensor:
+        return chunked_head_loss(
+            hidden,
+            targets,
+            self._head,
+            self._head_forward,
+            chunk_tokens,
+            self.loss_fn.ignore_index,
+        )
+
     def _chunked_loss(self, outputs, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
         hidden = self._take_bypassed(outputs)
         unit = self._head_unit
         self._enter(unit)
         try:
-            loss = chunked_head_loss(
-                hidden,
-                targets,
-                self._head,
-                self._head_forward,
-                chunk_tokens,
-                self.loss_fn.ignore_index,
-            )
+            loss = self._head_loss(hidden, targets, chunk_tokens)
         except BaseException:
             self._release(unit)
             raise
@@ -1625,14 +1628,7 @@ class OffloadEngine:
         hidden = self._take_bypassed(outputs)
         try:
             self._make_resident(self._head_unit)
-            return chunked_head_loss(
-                hidden,
-                targets,
-                self._head,
-                self._head_forward,
-                chunk_tokens,
-                self.loss_fn.ignore_index,
-            )
+            return self._head_loss(hidden, targets, chunk_tokens)
         finally:
             self._release_all(self._head_unit)
 

@@ -1,5 +1,6 @@
 """Offload misconfigurations fail before training, saying what is needed."""
 
+import re
 import shutil
 from collections import namedtuple
 
@@ -12,6 +13,16 @@ from stalwart.offload.engine import OffloadEngine
 
 def _engine(config):
     return OffloadEngine(tiny_gpt(), config, optim_config(), loss_fn=lm_loss)
+
+
+def _engine_with_budget(model, tmp_path, budget_gb):
+    config = offload_config(tmp_path, max_host_memory_gb=budget_gb)
+    return OffloadEngine(model, config, optim_config(), loss_fn=lm_loss)
+
+
+def _suggested_budget(refused) -> float:
+    """The N of "... at least N" in a refusal's message."""
+    return float(re.search(r"at least (\d+\.\d+)", str(refused.value)).group(1))
 
 
 def test_nvme_without_path_is_a_config_error():
@@ -52,8 +63,6 @@ def test_budget_too_small_for_one_layer(tmp_path):
 def test_the_suggested_budget_is_enough(tmp_path):
     """The workspace grows with the budget, so the smallest budget is not today's parts added
     up: following the message must work (large layers, where the quarter dominates)."""
-    import re
-
     from stalwart.offload.engine import empty_parameters
 
     def model():
@@ -61,21 +70,9 @@ def test_the_suggested_budget_is_enough(tmp_path):
             return tiny_gpt(depth=1, vocab_size=32000, width=512, num_heads=8)
 
     with pytest.raises(ValueError, match="set it to at least") as refused:
-        OffloadEngine(
-            model(),
-            offload_config(tmp_path, max_host_memory_gb=0.05),
-            optim_config(),
-            loss_fn=lm_loss,
-        )
-    suggested = float(re.search(r"set it to at least (\d+\.\d+)", str(refused.value)).group(1))
+        _engine_with_budget(model(), tmp_path, 0.05)
     # A little slack for the RSS of this process moving between the two constructions.
-    engine = OffloadEngine(
-        model(),
-        offload_config(tmp_path, max_host_memory_gb=suggested + 0.02),
-        optim_config(),
-        loss_fn=lm_loss,
-    )
-    engine.close()
+    _engine_with_budget(model(), tmp_path, _suggested_budget(refused) + 0.02).close()
 
 
 def test_device_none_is_rejected(tmp_path):
@@ -92,8 +89,6 @@ def test_a_micro_batch_too_long_for_the_budget_is_refused_before_the_step(tmp_pa
     """One block's recomputation grows with the tokens of a micro-batch and nothing bounds it:
     a batch whose estimate does not fit beside the smallest pool stops before any work, and the
     budget the message names is enough."""
-    import re
-
     import torch
 
     from stalwart.models.gpt import GPT, GPTConfig
@@ -101,9 +96,7 @@ def test_a_micro_batch_too_long_for_the_budget_is_refused_before_the_step(tmp_pa
     def model():
         return GPT(GPTConfig(context_length=300_000, depth=2))
 
-    engine = OffloadEngine(
-        model(), offload_config(tmp_path, max_host_memory_gb=2.0), optim_config(), loss_fn=lm_loss
-    )
+    engine = _engine_with_budget(model(), tmp_path, 2.0)
     before = engine.gather_parameters()
     tokens = torch.zeros(1, 300_001, dtype=torch.long)
     with pytest.raises(ValueError, match="a micro-batch of 300000 tokens needs about") as refused:
@@ -113,13 +106,7 @@ def test_a_micro_batch_too_long_for_the_budget_is_refused_before_the_step(tmp_pa
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert engine.step_count == 0
     engine.close()
-    suggested = float(re.search(r"at least (\d+\.\d+)", str(refused.value)).group(1))
-    roomy = OffloadEngine(
-        model(),
-        offload_config(tmp_path, max_host_memory_gb=suggested + 0.02),
-        optim_config(),
-        loss_fn=lm_loss,
-    )
+    roomy = _engine_with_budget(model(), tmp_path, _suggested_budget(refused) + 0.02)
     roomy.check_activation_room(300_000)  # does not raise
     roomy.close()
 

@@ -36,7 +36,7 @@ def _units(num_blocks=8, block_params=10_000_000, checkpoint_bytes=1 << 20):
     return units
 
 
-def _plan(units, **overrides):
+def _plan(units, machine=MACHINE, **overrides):
     options = dict(
         tokens_per_step=1024,
         num_microbatches=1,
@@ -46,7 +46,7 @@ def _plan(units, **overrides):
         max_buffer_count=6,
     )
     options.update(overrides)
-    return plan_offload(units, MACHINE, **options)
+    return plan_offload(units, machine, **options)
 
 
 def test_io_accounting_matches_the_bytes_per_parameter_model():
@@ -143,16 +143,8 @@ def test_causal_attention_is_counted_at_its_own_rate():
         )
         for u in _units()
     ]
-    options = dict(
-        tokens_per_step=4096,
-        num_microbatches=1,
-        clipping=True,
-        pool_budget_bytes=2 << 30,
-        activation_allowance_bytes=1 << 30,
-        max_buffer_count=6,
-    )
-    short = plan_offload(units, machine, sequence_length=0, **options)
-    long = plan_offload(units, machine, sequence_length=4096, **options)
+    short = _plan(units, machine, tokens_per_step=4096, sequence_length=0)
+    long = _plan(units, machine, tokens_per_step=4096, sequence_length=4096)
     # 8 blocks x 8 s w FLOPs per token (forward 2 s w over half the keys; backward, recompute)
     expected = 8 * (8 * 4096 * 512) * 4096 / 25e9
     assert long.compute_s - short.compute_s == pytest.approx(expected, rel=1e-9)
