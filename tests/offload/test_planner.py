@@ -121,6 +121,17 @@ def test_swapped_checkpoints_give_identical_training(tmp_path):
         assert torch.equal(kept[name], swapped[name]), name
 
 
+def _gpt_engine(tmp_path, depth: int, **options) -> OffloadEngine:
+    return OffloadEngine(
+        tiny_gpt(depth=depth),
+        offload_config(tmp_path),
+        optim_config(),
+        loss_fn=lm_loss,
+        optimizer_kernel="torch",
+        **options,
+    )
+
+
 def test_causal_attention_is_counted_at_its_own_rate():
     """Parameter counts do not see attention: at long sequences it is most of the compute."""
     machine = Machine(
@@ -152,14 +163,7 @@ def test_causal_attention_is_counted_at_its_own_rate():
 
 
 def test_the_engine_gives_the_planner_sequence_length_and_attention_width(tmp_path):
-    engine = OffloadEngine(
-        tiny_gpt(depth=2),
-        offload_config(tmp_path),
-        optim_config(),
-        loss_fn=lm_loss,
-        optimizer_kernel="torch",
-        aio_backend="threadpool",
-    )
+    engine = _gpt_engine(tmp_path, depth=2, aio_backend="threadpool")
     engine.train_step(batches(1, num_micro=1, vocab=259, length=12)[0], 1e-3)
     widths = {cost.name: cost.attention_width for cost in engine.unit_costs()}
     assert widths["blocks.0"] == widths["blocks.1"] == 128  # GPT depth 2: width 128
@@ -176,13 +180,7 @@ def test_the_profiling_step_swaps_checkpoints_beyond_half_the_allowance(tmp_path
     steps = batches(1, num_micro=1, vocab=259)
     reference = tiny_gpt(depth=4)
     reference_train(reference, steps, optim_config(), [1e-2])
-    engine = OffloadEngine(
-        tiny_gpt(depth=4),
-        offload_config(tmp_path),
-        optim_config(),
-        loss_fn=lm_loss,
-        optimizer_kernel="torch",
-    )
+    engine = _gpt_engine(tmp_path, depth=4)
     checkpoint_bytes = 2 * 12 * 256 * 4  # batch x length x width, float32
     engine.activation_allowance_bytes = 4 * checkpoint_bytes  # half of it: two checkpoints
     metrics = engine.train_step(steps[0], 1e-2)
