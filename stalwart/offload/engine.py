@@ -137,16 +137,18 @@ def activation_room_bytes(
     return spare + allowance // 4 + pool - min_pool_bytes
 
 
-def smallest_budget_bytes(baseline_bytes: int, largest_grad_bytes: int, min_pool_bytes: int) -> int:
-    """The smallest `max_host_memory_gb` (in bytes) whose split leaves `min_pool_bytes` for the
-    buffer pool. The workspace grows with the budget (a quarter of what the runtime leaves, at
-    least `_MIN_SPARE_BYTES`), so the answer is not the sum of today's parts: what is left for the
-    pool, B - baseline - 2 g - max(spare, (B - baseline) / 4), must reach the pool's minimum
-    under both branches of the max."""
-    fixed = 2 * largest_grad_bytes + min_pool_bytes
-    small = baseline_bytes + fixed + _MIN_SPARE_BYTES
-    large = baseline_bytes + -(-4 * fixed // 3)
-    return max(small, large)
+def smallest_budget_bytes(fits: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest host budget (bytes, within 1 MiB) for which `fits(budget)` holds, given
+    that it fails at `low` and holds at `high`. The budget's split (`budget_split`) grows its
+    workspace with the budget, so what a refused budget lacks is not what a larger one needs:
+    answers are found on the split itself, never on a formula beside it."""
+    while high - low > (1 << 20):
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -204,9 +206,11 @@ class _Unit:
     pending: int = 0
     attached: bool = False  # parameters' .data point into p_buffer
     # Non-block units start resident for the whole step until their forward hook has been seen
-    # to fire: a model may use a module's weight without calling the module (GPT's LM head).
+    # to fire: a model may use a module's weight without calling the module (an output layer
+    # applied as F.linear(x, head.weight)).
     provisional: bool = False
     seen_in_forward: bool = False
+    has_attention: bool = False  # a block holding an attention layer (the planner's FLOPs)
     updated_slots: list = field(default_factory=list)
     p_buffer: object = None
     p_future: Future | None = None
@@ -405,7 +409,6 @@ class OffloadEngine:
         self._max_buffer_count = int(offload_config.buffer_count)
         self._checkpoint_bytes: dict[int, int] = {}
         self._block_width: dict[int, int] = {}
-        self._has_attention: dict[int, bool] = {}
         self._room_checked_tokens = 0  # the longest micro-batch the budget was checked for
         self.activation_reserve_bytes = 0  # taken from the pool for one block's recomputation
         self._sequence_length = 0
@@ -469,6 +472,7 @@ class OffloadEngine:
             if is_block or kept:
                 slots = [self._slot(canonical_name[id(p)], p, index_of[id(p)]) for p in kept]
                 unit = _Unit(len(units), name or "<root>", [module], slots, is_block=is_block)
+                unit.has_attention = is_block and _has_attention(module)
                 unit.persistent = unit.provisional = not is_block
                 units.append(unit)
             elif id(module) not in ancestors_of_blocks:
@@ -544,8 +548,11 @@ class OffloadEngine:
         )
         available = self.max_host_bytes - self.baseline_rss_bytes - self.workspace_bytes
         if available < self.min_pool_bytes:
-            needed = smallest_budget_bytes(
-                self.baseline_rss_bytes, largest_grad_bytes, self.min_pool_bytes
+            sizes = (self.baseline_rss_bytes, largest_grad_bytes, self.min_pool_bytes)
+            needed = smallest_budget_bytes(  # the pool's minimum fits: no negative allowance
+                lambda budget: budget_split(budget, *sizes)[2] >= 0,
+                self.max_host_bytes,
+                2 * self.max_host_bytes + 4 * (self.baseline_rss_bytes + self.min_pool_bytes),
             )
             raise ValueError(
                 f"offload.max_host_memory_gb={offload_config.max_host_memory_gb} is too small: the process "
@@ -1050,16 +1057,11 @@ class OffloadEngine:
             num_blocks = sum(1 for u in self.units if u.is_block)
             self.swapper.ensure(num_blocks, num_bytes)
         self._checkpoint_bytes[unit.index] = num_bytes
-        if tensor.dim() and self._attention_in(unit):
+        if tensor.dim() and unit.has_attention:
             self._block_width[unit.index] = int(tensor.shape[-1])
         stash = StashedCheckpoint(tensor, target, unit.index, self.swapper)
         self._checkpoint_calls[unit.index] = stash
         return stash
-
-    def _attention_in(self, unit: _Unit) -> bool:
-        if unit.index not in self._has_attention:
-            self._has_attention[unit.index] = _has_attention(unit.modules[0])
-        return self._has_attention[unit.index]
 
     def _after_block_backward(self, unit: _Unit) -> None:
         if not unit.trainable and unit.p_buffer is not None:
@@ -1455,13 +1457,11 @@ class OffloadEngine:
             available = self.pool.budget_bytes - self.min_pool_bytes
             if extra > available:
                 sizes = (self.baseline_rss_bytes, self._largest_grad_bytes, self.min_pool_bytes)
-                low, high = self.max_host_bytes, 2 * self.max_host_bytes + 4 * need
-                while high - low > (1 << 20):  # the room grows with the budget: bisect
-                    middle = (low + high) // 2
-                    if activation_room_bytes(middle, *sizes) >= need:
-                        high = middle
-                    else:
-                        low = middle
+                high = smallest_budget_bytes(
+                    lambda budget: activation_room_bytes(budget, *sizes) >= need,
+                    self.max_host_bytes,
+                    2 * self.max_host_bytes + 4 * (need + self.min_pool_bytes),
+                )
                 raise ValueError(
                     f"a micro-batch of {num_tokens} tokens needs about {need / GIB:.2f} GiB for "
                     "one block's recomputation and the LM head's hidden states (estimated from "
@@ -1931,14 +1931,21 @@ def _remove_abandoned_directories(root: str) -> None:
             pass  # another user's live process
 
 
-def _num_tokens(inputs) -> int:
+def _token_tensor(inputs) -> torch.Tensor | None:
+    """The [batch, length] token tensor of a micro-batch's inputs (a tensor, the first value of
+    a dict, the first item of a sequence)."""
     if isinstance(inputs, torch.Tensor):
-        return inputs.numel()
-    if isinstance(inputs, dict):
-        return _num_tokens(next(iter(inputs.values())))
+        return inputs
+    if isinstance(inputs, dict) and inputs:
+        return _token_tensor(next(iter(inputs.values())))
     if isinstance(inputs, tuple | list) and inputs:
-        return _num_tokens(inputs[0])
-    return 0
+        return _token_tensor(inputs[0])
+    return None
+
+
+def _num_tokens(inputs) -> int:
+    tokens = _token_tensor(inputs)
+    return 0 if tokens is None else tokens.numel()
 
 
 def _logit_transform(model: nn.Module) -> str | None:
@@ -1977,14 +1984,9 @@ def _has_attention(module: nn.Module) -> bool:
 
 
 def _sequence_length(inputs) -> int:
-    """Tokens per sequence of a [batch, length] token batch (0 when the shape says nothing)."""
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[-1]) if inputs.dim() >= 1 else 0
-    if isinstance(inputs, dict) and inputs:
-        return _sequence_length(next(iter(inputs.values())))
-    if isinstance(inputs, tuple | list) and inputs:
-        return _sequence_length(inputs[0])
-    return 0
+    """Tokens per sequence (0 when the inputs say nothing)."""
+    tokens = _token_tensor(inputs)
+    return int(tokens.shape[-1]) if tokens is not None and tokens.dim() else 0
 
 
 def _array_reader(data) -> Callable[[int, memoryview], None]:

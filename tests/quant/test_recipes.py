@@ -225,3 +225,16 @@ def test_resume_with_quant_state_is_bit_identical():
     assert resumed(False) != continued
     with pytest.raises(ValueError, match="does not match the model's quantized layers"):
         load_quant_state_dict(fresh()[0], {"blocks.0.attn.wq": saved[2]["blocks.0.attn.wq"]})
+
+
+def test_an_lm_head_left_out_of_keep_modules_is_quantized_in_the_forward():
+    """GPT calls its head as a module: converting it changes the logits. (It once applied the
+    head's weight with F.linear, so a converted head was silently never used.)"""
+    tokens = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = small_gpt()
+    model = convert(small_gpt(), get_recipe("mxfp4", keep_modules=["blocks.*"]))
+    assert quantized_names(model) == {"lm_head"}
+    with torch.no_grad():
+        assert not torch.equal(model(tokens), reference(tokens))
+        kept = convert(small_gpt(), get_recipe("mxfp4", keep_modules=["blocks.*", "lm_head"]))
+        assert torch.equal(kept(tokens), reference(tokens))
