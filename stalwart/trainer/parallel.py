@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,22 @@ def init_process_group(
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a process that ran gloo collectives without finalizing the interpreter.
+
+    torch keeps the default gloo group reachable after `destroy_process_group` (function
+    defaults of `torch.distributed.nn.functional` bound after init, the DeviceMesh cache), so
+    the group's worker threads outlive it. When one of them drops a finished collective's
+    tensors while the interpreter is finalizing, it cannot take the GIL, unwinds through a
+    noexcept destructor and aborts the process ("terminate called without an active
+    exception", SIGABRT) after all its work is done: a spawned rank that returned normally
+    then reads as crashed. Everything the process wrote is flushed first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def parallelize(

@@ -3,7 +3,6 @@ divided by the whole batch's count, and the summed gradients equal the whole bat
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -113,17 +112,19 @@ RANK_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[5])
     from test_rl_data_parallel import run_steps
     from test_rl_pipeline import tiny_config
+    from stalwart.trainer.parallel import exit_process
 
-    rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    rank, rendezvous, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     overrides = json.loads(sys.argv[4])
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2
     )
     parameters, metrics = run_steps(tiny_config(**overrides), rank=rank, world_size=2)
     np.savez(out, **parameters)
     with open(out + ".json", "w") as handle:
         json.dump(metrics, handle)
     dist.destroy_process_group()
+    exit_process(0)
     """
 )
 
@@ -139,12 +140,6 @@ def run_steps(config, rank=0, world_size=1):
     return parameters, metrics
 
 
-def _free_port():
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -153,7 +148,6 @@ def _free_port():
     ],
 )
 def test_two_rank_learner_matches_one_rank(tmp_path, overrides):
-    port = _free_port()
     here = os.path.dirname(__file__)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
@@ -164,7 +158,7 @@ def test_two_rank_learner_matches_one_rank(tmp_path, overrides):
                 sys.executable,
                 str(script),
                 str(rank),
-                str(port),
+                str(tmp_path / "rendezvous"),
                 str(tmp_path / f"rank{rank}.npz"),
                 json.dumps(overrides),
                 here,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stalwart.trainer.parallel import parallelize
+from stalwart.trainer.parallel import exit_process, parallelize
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -65,6 +65,7 @@ def _worker(rank, rendezvous, fixed_buckets, results):
     )
     results[rank] = identical
     dist.destroy_process_group()
+    exit_process(0)
 
 
 def _run(fixed_buckets: bool, rendezvous: str) -> list[bool]:

@@ -82,6 +82,7 @@ def _worker(rank: int, rendezvous: str, run_dir: str, out_dir: str) -> None:
             Path(f"{out_dir}/{variant}-rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         parallel.destroy_process_group()
+    parallel.exit_process(0)
 
 
 class Run:
