@@ -262,6 +262,12 @@ class OffloadConfig(Section):
     optimizer_kernel: Literal["auto", "deepspeed", "torch"] = Field(
         "auto", description="auto = DeepSpeed CPU Adam when it builds, else torch's fused AdamW"
     )
+    sub_group_size: int = Field(
+        1 << 23,
+        ge=1024,
+        description="elements of optimizer state updated at a time: a layer with more is "
+        "updated in slices, so its whole optimizer state never sits in host memory",
+    )
     aio: AioConfig = Field(default_factory=AioConfig)
 
     @model_validator(mode="after")

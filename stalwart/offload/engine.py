@@ -67,7 +67,7 @@ from stalwart.offload.planner import (
     plan_offload,
     step_vs_plan,
 )
-from stalwart.offload.store import GIB, HostBufferPool, TensorStore, check_nvme_path
+from stalwart.offload.store import GIB, HostBufferPool, Region, TensorStore, check_nvme_path
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,8 @@ class _Unit:
     # Sets in the optimizer span after the parameters: [exp_avg | exp_avg_sq] in fp32 training,
     # [fp32 master | exp_avg | exp_avg_sq] with bf16 working parameters.
     num_state_sets: int = 2
+    # Bytes of each state set updated at a time; 0 = the whole span (see `_sliced_update`).
+    slice_bytes: int = 0
     version_offsets: tuple[int, int] = (0, 0)
     grad_offset: int = 0
     grad_half: bool = False  # the gradient span holds bf16 values, packed (see _pack_gradients)
@@ -245,8 +247,16 @@ class _Unit:
         return position * self.state_bytes
 
     @property
+    def update_buffer_bytes(self) -> int:
+        """Host bytes the optimizer state takes during an update: the whole span, or two
+        slices of every set (one updating while the next is read and the last written)."""
+        if self.slice_bytes:
+            return 2 * self.num_state_sets * self.slice_bytes
+        return self.mv_bytes
+
+    @property
     def working_set_bytes(self) -> int:
-        return self.p_bytes + self.mv_bytes + self.state_bytes
+        return self.p_bytes + self.update_buffer_bytes + self.state_bytes
 
 
 @dataclass(frozen=True)
@@ -355,6 +365,7 @@ class OffloadEngine:
         kernel = optimizer_kernel or getattr(offload_config, "optimizer_kernel", "auto")
         self.optimizer = OutOfCoreAdamW(self.settings, kernel)
         self.max_host_bytes = int(float(offload_config.max_host_memory_gb) * GIB)
+        self.sub_group_size = int(getattr(offload_config, "sub_group_size", 1 << 23))
         self.step_count = 0
         self.param_steps: dict[str, int] = {}
         self._phase = "idle"
@@ -526,18 +537,18 @@ class OffloadEngine:
                     state_bytes += align_up(slot.numel * 4, _TENSOR_ALIGNMENT)
             unit.p_bytes = align_up(p_bytes)
             unit.state_bytes = align_up(state_bytes) if state_bytes else 0
+            # A layer whose optimizer state is more than two slices of it is updated in slices.
+            slice_bytes = align_up(self.sub_group_size * 4)
+            if unit.state_bytes > 2 * slice_bytes:
+                unit.slice_bytes = slice_bytes
 
         limit_heap_retention()
         malloc_trim()
         self.baseline_rss_bytes = rss_bytes()
         largest = max(self.units, key=lambda u: u.working_set_bytes)
-        # Until the first step has shown which modules run their own forward, every non-block
-        # unit stays resident through the step.
-        persistent = sum(u.working_set_bytes for u in self.units if u.persistent)
         largest_grad_bytes = max((u.state_bytes for u in self.units), default=0)
         self._largest_grad_bytes = largest_grad_bytes
-        # The smallest pool that can run a step: the persistent unit plus two units in flight.
-        self.min_pool_bytes = persistent + 2 * largest.working_set_bytes
+        self.min_pool_bytes = self._smallest_pool_bytes()
         self.workspace_bytes, self.pool_budget_bytes, self.activation_allowance_bytes = (
             budget_split(
                 self.max_host_bytes,
@@ -608,11 +619,33 @@ class OffloadEngine:
             else None
         )
 
+    def _smallest_pool_bytes(self) -> int:
+        """The smallest pool that can run a step: the units resident through it plus two units
+        in flight. Until the first step has shown which modules run their own forward, every
+        non-block unit stays resident (only blocks are in flight); after it, the modules seen
+        running stream like blocks and only the rest stay."""
+
+        def need(resident: list[_Unit], streaming: list[_Unit]) -> int:
+            in_flight = max((u.working_set_bytes for u in streaming), default=0)
+            return sum(u.working_set_bytes for u in resident) + 2 * in_flight
+
+        first = need(
+            [u for u in self.units if u.persistent], [u for u in self.units if not u.persistent]
+        )
+        later = need(
+            [u for u in self.units if u.persistent and not u.provisional],
+            [u for u in self.units if u.provisional or not u.persistent],
+        )
+        return max(first, later)
+
     @torch.no_grad()
     def _initialise_store(self, init_fn) -> None:
         """Write every unit's parameters (and zero optimizer state) to version 0, then free them."""
         for unit in self.units:
-            buffer = self.pool.acquire(unit.p_bytes + unit.mv_bytes)
+            # A sliced unit's buffer holds the parameters and the master only; its zero moments
+            # are written from one zeroed slice.
+            held = unit.p_bytes + (unit.state_bytes if unit.has_master else 0)
+            buffer = self.pool.acquire(held if unit.slice_bytes else unit.p_bytes + unit.mv_bytes)
             buffer.tensor.zero_()
             for slot in unit.slots:
                 working = buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, slot.shape)
@@ -632,15 +665,32 @@ class OffloadEngine:
                     target.copy_(param.detach())
                 if target is not working:
                     working.copy_(target)  # round to the working dtype (nearest even)
-            self.store.write_span(
-                unit.version_offsets[0], unit.p_bytes + unit.mv_bytes, buffer
-            ).result()
+            if unit.slice_bytes:
+                self.store.write_span(unit.version_offsets[0], held, buffer).result()
+                self._write_zero_moments(unit, unit.version_offsets[0] + held)
+            else:
+                self.store.write_span(
+                    unit.version_offsets[0], unit.p_bytes + unit.mv_bytes, buffer
+                ).result()
             buffer.release()
             for slot in unit.slots:
                 self._detach(slot)
                 self.param_steps[slot.name] = 0
         self.pool.shrink()
         malloc_trim()
+
+    def _write_zero_moments(self, unit: _Unit, offset: int) -> None:
+        """Zero the store from `offset` to the end of `unit`'s first version, a slice at a time."""
+        end = unit.version_offsets[0] + unit.p_bytes + unit.mv_bytes
+        zeros = self.pool.acquire(unit.slice_bytes)
+        zeros.tensor.zero_()
+        writes = [
+            self.store.write(Region(begin, min(unit.slice_bytes, end - begin)), zeros)
+            for begin in range(offset, end, unit.slice_bytes)
+        ]
+        for write in writes:
+            write.result()
+        zeros.release()
 
     def _detach(self, slot: _Slot) -> None:
         param = slot.param
@@ -736,7 +786,7 @@ class OffloadEngine:
             unit.p_buffer = None
 
     def _start_state_read(self, unit: _Unit) -> None:
-        if unit.mv_bytes and unit.mv_buffer is None:
+        if unit.mv_bytes and unit.mv_buffer is None and not unit.slice_bytes:
             unit.mv_buffer = self.pool.acquire(unit.mv_bytes)
             offset = unit.version_offsets[unit.version] + unit.p_bytes
             unit.mv_future = self.store.read_span(offset, unit.mv_bytes, unit.mv_buffer)
@@ -771,7 +821,7 @@ class OffloadEngine:
         the optimizer thread; the buffers come from the pool like a prefetch's."""
         if unit.update_job is not None:
             return True
-        sizes = (unit.p_bytes, unit.mv_bytes, unit.state_bytes)
+        sizes = (unit.p_bytes, unit.update_buffer_bytes, unit.state_bytes)
         if blocking:
             buffers = [self.pool.acquire(size) for size in sizes]
         else:
@@ -788,10 +838,9 @@ class OffloadEngine:
         base = unit.version_offsets[unit.version]
         target = unit.version_offsets[1 - unit.version]
         g_bytes = align_up(unit.state_bytes // 2) if unit.grad_half else unit.state_bytes
-        reads = [
-            self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer),
-            self.store.read_span(unit.grad_offset, g_bytes, g_buffer),
-        ]
+        reads = [self.store.read_span(unit.grad_offset, g_bytes, g_buffer)]
+        if not unit.slice_bytes:
+            reads.append(self.store.read_span(base + unit.p_bytes, unit.mv_bytes, mv_buffer))
         # With a master the update rewrites the working copies from it: no need to read them
         # unless some of the unit's parameters are not updated this step.
         if not unit.has_master or len(slots) < len(unit.slots):
@@ -807,12 +856,18 @@ class OffloadEngine:
             grads = [g_buffer.view(torch.float32, s.state_offset, s.numel, s.shape) for s in slots]
             if clip_coef is not None:
                 torch._foreach_mul_(grads, clip_coef)
-            self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
+            if unit.slice_bytes:
+                self._sliced_update(unit, slots, grads, p_buffer, mv_buffer, base, target, lr)
+                write_mv = _done_future()
+                mv_buffer.release()
+            else:
+                self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
             del grads
             g_buffer.release()
             write_p = self.store.write_span(target, unit.p_bytes, p_buffer)
-            write_mv = self.store.write_span(target + unit.p_bytes, unit.mv_bytes, mv_buffer)
-            write_mv.add_done_callback(lambda _f: mv_buffer.release())
+            if not unit.slice_bytes:
+                write_mv = self.store.write_span(target + unit.p_bytes, unit.mv_bytes, mv_buffer)
+                write_mv.add_done_callback(lambda _f: mv_buffer.release())
             return write_p, write_mv
 
         unit.p_buffer, unit.p_future = p_buffer, None
@@ -1206,7 +1261,10 @@ class OffloadEngine:
                     buffer.release()
             return
         lr = self._lr
-        target = 1 - unit.version
+        source = unit.version_offsets[unit.version]
+        target = unit.version_offsets[1 - unit.version]
+        if unit.slice_bytes:
+            mv_buffer = self.pool.acquire(unit.update_buffer_bytes)
         self._job_slots.acquire()
 
         def job():
@@ -1215,15 +1273,22 @@ class OffloadEngine:
                     mv_future.result()
                 grads = [grad for _, grad in updated]
                 slots = [slot for slot, _ in updated]
-                self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
+                if unit.slice_bytes:
+                    self._sliced_update(unit, slots, grads, p_buffer, mv_buffer, source, target, lr)
+                    mv_buffer.release()
+                    writes = []
+                else:
+                    self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
+                    write_mv = self.store.write_span(
+                        target + unit.p_bytes, unit.mv_bytes, mv_buffer
+                    )
+                    write_mv.add_done_callback(lambda _f: mv_buffer.release())
+                    writes = [write_mv]
                 del grads
-                offset = unit.version_offsets[target]
-                write_p = self.store.write_span(offset, unit.p_bytes, p_buffer)
+                write_p = self.store.write_span(target, unit.p_bytes, p_buffer)
                 write_p.add_done_callback(lambda _f: p_buffer.release())
-                write_mv = self.store.write_span(offset + unit.p_bytes, unit.mv_bytes, mv_buffer)
-                write_mv.add_done_callback(lambda _f: mv_buffer.release())
                 unit.updated_slots = slots
-                return [write_p, write_mv]
+                return [write_p, *writes]
             finally:
                 self._job_slots.release()
 
@@ -1271,6 +1336,84 @@ class OffloadEngine:
             for target, master in zip(working, params):
                 target.copy_(master)  # round to nearest even, as master.to(dtype)
         self._stats["optimizer_s"] += time.perf_counter() - started
+
+    def _sliced_update(
+        self, unit: _Unit, slots: list[_Slot], grads, p_buffer, buffer, source: int, target: int, lr
+    ) -> None:
+        """AdamW on a unit too large to hold its optimizer state whole (`offload.sub_group_size`).
+
+        The state sets ([master |] exp_avg | exp_avg_sq, laid out alike) go through `buffer`
+        `unit.slice_bytes` of each set at a time, from version `source` to version `target` of
+        the store: slice i+1 is read while slice i is updated, and a half of the buffer is
+        refilled once its writes are done. Each slot is updated piece by piece, with the whole
+        tensor's step and weight decay. Slice edges are 4 KiB apart and slots start 64 B apart,
+        so every piece starts 16 elements apart from its slot's start, the same SIMD lanes as a
+        whole update: the result is bit-identical to `_update` (tested). Returns when every
+        write is done."""
+        sets, step, total = unit.num_state_sets, unit.slice_bytes, unit.state_bytes
+        half = sets * step
+        kinds = ("master", "exp_avg", "exp_avg_sq")[3 - sets :]
+        begins = list(range(0, total, step))
+
+        def transfer(begin: int, side: int, base: int, write: bool) -> list[Future]:
+            size = min(step, total - begin)
+            move = self.store.write if write else self.store.read
+            return [
+                move(
+                    Region(base + unit.p_bytes + k * unit.state_bytes + begin, size),
+                    buffer,
+                    side * half + k * step,
+                )
+                for k in range(sets)
+            ]
+
+        reads = transfer(0, 0, source, write=False)
+        writes: list[list[Future]] = [[], []]
+        compute_s = 0.0
+        for index, begin in enumerate(begins):
+            side = index % 2
+            for future in reads:
+                future.result()
+            reads = []
+            if index + 1 < len(begins):
+                for future in writes[1 - side]:
+                    future.result()
+                reads = transfer(begins[index + 1], 1 - side, source, write=False)
+            started = time.perf_counter()
+            low, high = begin // 4, (begin + min(step, total - begin)) // 4
+            params, pieces, exp_avgs, exp_avg_sqs, steps, decay, working = ([] for _ in range(7))
+            for slot, grad in zip(slots, grads):
+                first = slot.state_offset // 4
+                a, b = max(low, first), min(high, first + slot.numel)
+                if a >= b:
+                    continue
+                piece = {
+                    kind: buffer.view(
+                        torch.float32, side * half + k * step + (a - low) * 4, b - a, (b - a,)
+                    )
+                    for k, kind in enumerate(kinds)
+                }
+                pieces.append(grad.reshape(-1)[a - first : b - first])
+                exp_avgs.append(piece["exp_avg"])
+                exp_avg_sqs.append(piece["exp_avg_sq"])
+                steps.append(self.param_steps[slot.name] + 1)
+                decay.append(len(slot.shape) >= 2)
+                if unit.has_master:
+                    params.append(piece["master"])
+                    flat = p_buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, (-1,))
+                    working.append(flat[a - first : b - first])
+                else:
+                    flat = p_buffer.view(slot.dtype, slot.p_offset, slot.numel, (-1,))
+                    params.append(flat[a - first : b - first])
+            if params:
+                self.optimizer.update(params, pieces, exp_avgs, exp_avg_sqs, steps, lr, decay)
+                for copy, master in zip(working, params):
+                    copy.copy_(master)  # round to nearest even, as master.to(dtype)
+            compute_s += time.perf_counter() - started
+            writes[side] = transfer(begin, side, target, write=True)
+        for future in writes[0] + writes[1]:
+            future.result()
+        self._stats["optimizer_s"] += compute_s
 
     # ------------------------------------------------------------------------------------------
     # the step
@@ -1997,6 +2140,12 @@ def _array_reader(data) -> Callable[[int, memoryview], None]:
         target[:] = source[offset : offset + len(target)]
 
     return read_into
+
+
+def _done_future() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
 
 
 def _release_after(buffer, futures: list[Future]) -> None:

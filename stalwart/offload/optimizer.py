@@ -139,21 +139,27 @@ class OutOfCoreAdamW:
         exp_avg_sqs: list[torch.Tensor],
         steps: list[int],
         lr: float,
+        decay: list[bool] | None = None,
     ) -> None:
-        """One AdamW step, in place, for tensors whose new step numbers are `steps` (1-based)."""
+        """One AdamW step, in place, for tensors whose new step numbers are `steps` (1-based).
+
+        `decay` says which tensors get weight decay; by default the matrices (`decays`). A
+        caller updating flat pieces of a tensor passes the whole tensor's answer."""
         s = self.settings
+        if decay is None:
+            decay = [decays(param) for param in params]
         if self._deepspeed is not None:
-            for param, grad, exp_avg, exp_avg_sq, step in zip(
-                params, grads, exp_avgs, exp_avg_sqs, steps
+            for param, grad, exp_avg, exp_avg_sq, step, decayed in zip(
+                params, grads, exp_avgs, exp_avg_sqs, steps, decay
             ):
-                weight_decay = s.weight_decay if decays(param) else 0.0
+                weight_decay = s.weight_decay if decayed else 0.0
                 self._deepspeed.adam_update(
                     self._optimizer_id, step, lr, s.beta1, s.beta2, s.eps, weight_decay, True,
                     param, grad, exp_avg, exp_avg_sq,
                 )  # fmt: skip
             return
-        for decay in (True, False):
-            chosen = [i for i, param in enumerate(params) if decays(param) == decay]
+        for decayed in (True, False):
+            chosen = [i for i in range(len(params)) if decay[i] == decayed]
             if not chosen:
                 continue
             step_tensors = [torch.tensor(float(steps[i])) for i in chosen]
@@ -168,7 +174,7 @@ class OutOfCoreAdamW:
                 lr=lr,
                 beta1=s.beta1,
                 beta2=s.beta2,
-                weight_decay=s.weight_decay if decay else 0.0,
+                weight_decay=s.weight_decay if decayed else 0.0,
                 eps=s.eps,
                 maximize=False,
             )

@@ -26,6 +26,7 @@ def main(
     vocab: int = 512,
     length: int = 32,
     loss: str = "plain",
+    sub_group_size: int = 1 << 23,
 ) -> None:
     """`loss`: "plain" (whole logits), "chunked" (TokenCrossEntropy, the engine chooses the
     chunks), "unchunked" (TokenCrossEntropy with chunking off)."""
@@ -49,7 +50,11 @@ def main(
     engine = OffloadEngine(
         model,
         OffloadConfig(
-            device="nvme", nvme_path=nvme_path, max_host_memory_gb=budget_gb, buffer_count=2
+            device="nvme",
+            nvme_path=nvme_path,
+            max_host_memory_gb=budget_gb,
+            buffer_count=2,
+            sub_group_size=sub_group_size,
         ),
         OptimConfig(lr=1e-3, grad_clip=1.0),
         loss_fn=loss_fn,
@@ -78,6 +83,7 @@ def main(
                 "loss_chunk_tokens": chunks,
                 "bytes_written_last_step": metrics["bytes_written"],
                 "describe": describe,
+                "sliced_units": sum(1 for unit in engine.units if unit.slice_bytes),
             }
         )
     )
@@ -92,4 +98,5 @@ if __name__ == "__main__":
         int(sys.argv[4]),
         int(sys.argv[5]),
         *([int(extra[0]), int(extra[1]), extra[2]] if extra else []),
+        *([int(extra[3])] if len(extra) > 3 else []),
     )

@@ -383,3 +383,110 @@ def test_modules_outside_the_blocks_stream_once_the_first_step_saw_them_run(tmp_
             assert not resident["lm_head"]
         _assert_identical(named_parameters(reference), engine.gather_parameters())
         engine.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# layers larger than offload.sub_group_size: the optimizer state is updated in slices
+
+
+@pytest.mark.parametrize(
+    "precision, grad_clip, num_micro",
+    [("fp32", 0.0, 2), ("fp32", 0.05, 1), ("bf16", 0.05, 2), ("bf16", 1.0, 1)],
+    ids=["fp32-no-clip-2-micro", "fp32-clip-every-step", "bf16-clip-2-micro", "bf16-clip-1"],
+)
+def test_sliced_optimizer_state_is_bit_identical_to_in_memory(
+    tmp_path, precision, grad_clip, num_micro
+):
+    """With a 1024-element sub-group every layer's state goes through 4 KiB slices whose edges
+    cut through its tensors, on both update paths (during the backward, and in the next forward
+    after a clipped step): the same bits as AdamW in memory."""
+    optim = optim_config(grad_clip=grad_clip)
+    steps = batches(3, num_micro=num_micro, vocab=259)
+    lrs = [1e-2, 5e-3, 2e-3]
+    reference = tiny_gpt()
+    if precision == "bf16":
+        expected = reference_train_mixed(reference, steps, optim, lrs)
+    else:
+        reference_train(reference, steps, optim, lrs)
+        expected = named_parameters(reference)
+    engine, history, params = _train_offloaded(
+        tiny_gpt(),
+        tmp_path,
+        steps,
+        optim,
+        lrs,
+        optimizer_kernel="torch",
+        precision=precision,
+        aio_backend="threadpool",
+        config={"sub_group_size": 1024},
+    )
+    sliced = [unit for unit in engine.units if unit.slice_bytes]
+    assert sliced and all(unit.state_bytes > 2 * unit.slice_bytes for unit in sliced)
+    assert any(
+        slot.state_offset % unit.slice_bytes + slot.numel * 4 > unit.slice_bytes
+        for unit in sliced
+        for slot in unit.trainable
+    ), "no tensor crosses a slice edge"
+    _assert_identical(expected, params)
+    if precision == "bf16":
+        _assert_identical(
+            named_parameters(reference), engine.gather_parameters(working_copies=True)
+        )
+    if grad_clip == 0.05:
+        assert history[0]["redone"] and all(step["deferred"] for step in history[1:])
+    engine.close()
+
+
+def test_sliced_deepspeed_kernel_equals_the_whole_update(tmp_path):
+    """DeepSpeed's kernel differs from torch's by rounding; sliced and whole it is the same."""
+    optim = optim_config(grad_clip=1.0)
+    steps = batches(3, num_micro=1, vocab=259)
+    lrs = [1e-2, 1e-2, 1e-2]
+    results = {}
+    for name, sub_group_size in (("whole", 1 << 23), ("sliced", 1024)):
+        (tmp_path / name).mkdir()
+        engine, _, results[name] = _train_offloaded(
+            tiny_gpt(),
+            tmp_path / name,
+            steps,
+            optim,
+            lrs,
+            optimizer_kernel="auto",
+            precision="bf16",
+            config={"sub_group_size": sub_group_size},
+        )
+        assert any(unit.slice_bytes for unit in engine.units) == (name == "sliced")
+        state = engine.optimizer_state()
+        results[name + "-state"] = {
+            f"{key}/{entry}": value
+            for key, entries in state.items()
+            for entry, value in entries.items()
+        }
+        engine.close()
+    _assert_identical(results["whole"], results["sliced"])
+    _assert_identical(results["whole-state"], results["sliced-state"])
+
+
+def test_slicing_shrinks_the_smallest_pool_to_parameters_and_gradients(tmp_path):
+    """The step's smallest pool holds two units in flight. Whole, a unit brings all of its
+    optimizer state (18 B per parameter with a bf16 working copy); sliced, its parameters,
+    its fp32 gradient and two slices (6 B per parameter plus the slices)."""
+    pools = {}
+    for name, sub_group_size in (("whole", 1 << 23), ("sliced", 4096)):
+        (tmp_path / name).mkdir()
+        engine = OffloadEngine(
+            tiny_gpt(width=256),
+            offload_config(tmp_path / name, sub_group_size=sub_group_size),
+            optim_config(),
+            loss_fn=lm_loss,
+            precision="bf16",
+            optimizer_kernel="torch",
+            aio_backend="threadpool",
+        )
+        largest = max(engine.units, key=lambda unit: unit.working_set_bytes)
+        params = sum(slot.numel for slot in largest.slots)
+        pools[name] = (engine.min_pool_bytes, largest.working_set_bytes / params)
+        engine.close()
+    assert pools["whole"][1] == pytest.approx(18, rel=0.02)
+    assert pools["sliced"][1] == pytest.approx(6, rel=0.15)
+    assert pools["sliced"][0] < pools["whole"][0] / 2.5

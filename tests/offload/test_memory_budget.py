@@ -54,3 +54,38 @@ def test_long_sequences_with_a_large_vocabulary_stay_within_budget(tmp_path):
     assert whole["peak_rss_bytes"] > whole["budget_bytes"], whole
     # Same data, same model: the chunked loss is the same loss.
     assert chunked["losses"][0] == pytest.approx(whole["losses"][0], rel=1e-5)
+
+
+def test_a_vocabulary_larger_than_the_budget_allows_whole_trains_in_slices(tmp_path):
+    """A 32k x 512 embedding and LM head are the largest layers. Updated whole, each brings all
+    of its optimizer state into the pool and the smallest budget is 1.3 GiB; updated in slices
+    of 64k elements (`offload.sub_group_size`) it is under 1 GiB, and training stays within it."""
+    from stalwart.config import OffloadConfig, OptimConfig
+    from stalwart.offload.engine import OffloadEngine, empty_parameters
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1344,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
+    )
+    with empty_parameters():
+        model = transformers.LlamaForCausalLM(config)
+    budget_gb = 1.1
+    with pytest.raises(ValueError, match="model.embed_tokens"):
+        OffloadEngine(
+            model,
+            OffloadConfig(
+                device="nvme", nvme_path=str(tmp_path), max_host_memory_gb=budget_gb, buffer_count=2
+            ),
+            OptimConfig(),
+            loss_fn=None,
+        )
+    report = _run_job(tmp_path / "sliced", budget_gb, 2, 512, 2, 32000, 32, "plain", 1 << 16)
+    assert report["sliced_units"] >= 2, report  # the embedding and the head at least
+    assert report["peak_rss_bytes"] <= report["budget_bytes"], report
+    assert all(math.isfinite(loss) for loss in report["losses"])
