@@ -55,6 +55,7 @@ from stalwart.offload.optimizer import (
     AdamWSettings,
     OutOfCoreAdamW,
     clip_coefficient,
+    decays,
     parameter_norms,
     step_decision,
     total_norm,
@@ -103,6 +104,10 @@ def peak_rss_bytes() -> int:
 
 _MIN_SPARE_BYTES = 96 << 20  # the least workspace kept for kernels, threads and the allocator
 _MAX_SPARE_BYTES = 1 << 30  # and the most: it does not grow with the budget beyond this
+# One block's recomputation with eager attention holds its scores, their float32 softmax and
+# both gradients: bytes per score (batch x heads x sequence x sequence), measured 7.6-11.0 on
+# a Llama block (bf16 and fp32, 4-16 heads, 1-4k tokens) beyond what its linear layers take.
+_EAGER_SCORE_BYTES = 12
 
 
 def budget_split(
@@ -416,6 +421,7 @@ class OffloadEngine:
         self.default_activation_target = "keep" if swap == "auto" else swap
         self._initialise_store(init_fn)
         self._head, self._head_unit, self._head_forward = self._find_head()
+        self._eager_heads = _eager_attention_heads(model)
         self._bypass_head = False
         self._bypassed: torch.Tensor | None = None
         self._install_hooks()
@@ -424,7 +430,7 @@ class OffloadEngine:
         self._max_buffer_count = int(offload_config.buffer_count)
         self._checkpoint_bytes: dict[int, int] = {}
         self._block_width: dict[int, int] = {}
-        self._room_checked_tokens = 0  # the longest micro-batch the budget was checked for
+        self._room_checked_bytes = 0  # the largest estimate the budget was checked for
         self.activation_reserve_bytes = 0  # taken from the pool for one block's recomputation
         self._sequence_length = 0
         self.plan: OffloadPlan | None = None
@@ -1401,7 +1407,7 @@ class OffloadEngine:
                 exp_avgs.append(piece["exp_avg"])
                 exp_avg_sqs.append(piece["exp_avg_sq"])
                 steps.append(self.param_steps[slot.name] + 1)
-                decay.append(len(slot.shape) >= 2)
+                decay.append(decays(slot.shape))
                 if unit.has_master:
                     params.append(piece["master"])
                     flat = p_buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, (-1,))
@@ -1450,7 +1456,10 @@ class OffloadEngine:
             ("wait_s", "forward_s", "backward_s", "optimizer_s", "sweep_s", "drain_s"), 0.0
         )
         self._lr = float(lr)
-        self.check_activation_room(max(_num_tokens(inputs) for inputs, _ in micro_batches))
+        self.check_activation_room(
+            max(_num_tokens(inputs) for inputs, _ in micro_batches),
+            max(_sequence_length(inputs) for inputs, _ in micro_batches),
+        )
         deferred = self._defer = self.settings.grad_clip > 0 and self._last_decision == "clip"
         loss, norm = self._run_pass(micro_batches)
         self._on_phase("optimizer")
@@ -1560,13 +1569,14 @@ class OffloadEngine:
         malloc_trim()
         return self.plan
 
-    def recompute_estimate_bytes(self, num_tokens: int) -> int:
-        """What a micro-batch of `num_tokens` needs outside the pool and beyond what the
-        allowance bounds: one block's recomputation with its backward, estimated from the
-        block's linear layers (2.5 x the sum of their input and output widths per token, in the
-        compute dtype: 0.9-2.3x of it measured on Llama blocks of 256-1024 wide, 2-8k tokens,
-        fp32 and bf16, SDPA attention), plus the hidden states the LM head takes and their
-        gradient."""
+    def recompute_estimate_bytes(self, num_tokens: int, sequence_length: int = 0) -> int:
+        """What a micro-batch of `num_tokens` in sequences of `sequence_length` (0: one
+        sequence) needs outside the pool and beyond what the allowance bounds: one block's
+        recomputation with its backward, estimated from the block's linear layers (2.5 x the sum
+        of their input and output widths per token, in the compute dtype: 0.9-2.3x of it
+        measured on Llama blocks of 256-1024 wide, 2-8k tokens, fp32 and bf16, SDPA attention)
+        and, for a model with eager attention, its score matrices (`_EAGER_SCORE_BYTES` per
+        score); plus the hidden states the LM head takes and their gradient."""
         item = torch.empty(0, dtype=self.compute_dtype).element_size()
         widths = [
             sum(
@@ -1578,22 +1588,26 @@ class OffloadEngine:
             if unit.is_block
         ]
         recompute = int(2.5 * max(widths, default=0) * num_tokens * item)
+        if self._eager_heads:
+            length = min(sequence_length or num_tokens, num_tokens)
+            recompute += _EAGER_SCORE_BYTES * self._eager_heads * length * num_tokens
         hidden = 0
         if self._head is not None:  # the head's input, a float32 copy of it, their gradients
             hidden = 2 * num_tokens * self._head.in_features * (item + 4)
         return recompute + hidden
 
-    def check_activation_room(self, num_tokens: int) -> None:
-        """Before a step with micro-batches of up to `num_tokens`: make room for the
+    def check_activation_room(self, num_tokens: int, sequence_length: int = 0) -> None:
+        """Before a step with micro-batches of up to `num_tokens` (in sequences of
+        `sequence_length`, 0 for one sequence): make room for the
         activations that grow with it and nothing bounds (`recompute_estimate_bytes`), taking
         it from the buffer pool down to the pool's minimum, or fail saying what is needed.
 
         Block checkpoints and logits are bounded by the allowance (swapped, chunked); the
         workspace beyond autograd's gradients and the kernels' spare, and a quarter of the
         allowance, are the room for the rest."""
-        if num_tokens <= self._room_checked_tokens:
+        need = self.recompute_estimate_bytes(num_tokens, sequence_length)
+        if need <= self._room_checked_bytes:
             return
-        need = self.recompute_estimate_bytes(num_tokens)
         spare_workspace = max(
             self.workspace_bytes - 2 * self._largest_grad_bytes - _MIN_SPARE_BYTES, 0
         )
@@ -1609,10 +1623,13 @@ class OffloadEngine:
                     self.max_host_bytes,
                     2 * self.max_host_bytes + 4 * (need + self.min_pool_bytes),
                 )
+                basis = "the block's linear layers" + (
+                    " and eager attention's score matrices" if self._eager_heads else ""
+                )
                 raise ValueError(
                     f"a micro-batch of {num_tokens} tokens needs about {need / GIB:.2f} GiB for "
                     "one block's recomputation and the LM head's hidden states (estimated from "
-                    "the block's linear layers), and offload.max_host_memory_gb="
+                    f"{basis}), and offload.max_host_memory_gb="
                     f"{self.max_host_bytes / GIB:g} leaves {(room + available) / GIB:.2f} GiB "
                     "for them beside the smallest buffer pool: lower the batch size or the "
                     "sequence length, or set offload.max_host_memory_gb to at least "
@@ -1629,7 +1646,7 @@ class OffloadEngine:
                 need / GIB,
                 self.pool.budget_bytes / GIB,
             )
-        self._room_checked_tokens = num_tokens
+        self._room_checked_bytes = need
 
     def _enforce_budget(self, step_peak_bytes: int | None) -> None:
         """If a step's peak RSS overshot the budget, give the pool that much less from now on."""
@@ -2128,6 +2145,20 @@ def _has_attention(module: nn.Module) -> bool:
         "attention" in type(m).__name__.lower() or name.rpartition(".")[2].startswith("attn")
         for name, m in module.named_modules()
     )
+
+
+def _eager_attention_heads(model: nn.Module) -> int:
+    """Attention heads of a Hugging Face model that runs eager attention (which builds its score
+    matrices), else 0: SDPA and flash kernels, and our GPT, do not."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "_attn_implementation"):
+            continue
+        if config._attn_implementation != "eager":
+            return 0
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(getattr(text, "num_attention_heads", 0) or 0)
+    return 0
 
 
 def _sequence_length(inputs) -> int:

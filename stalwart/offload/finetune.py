@@ -175,7 +175,7 @@ def run_finetune(args) -> dict:
         precision=args.precision,
     )
     try:  # a micro-batch too long for the host budget fails here, before any step
-        engine.check_activation_room(args.batch_size * args.context_length)
+        engine.check_activation_room(args.batch_size * args.context_length, args.context_length)
     except ValueError:
         engine.close()
         raise

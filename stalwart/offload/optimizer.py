@@ -72,9 +72,10 @@ class AdamWSettings:
         )
 
 
-def decays(parameter: torch.Tensor) -> bool:
-    """Weight decay applies to matrices only, never to norms, gains or biases (as the trainer)."""
-    return parameter.dim() >= 2
+def decays(parameter: torch.Tensor | tuple[int, ...]) -> bool:
+    """Weight decay applies to matrices only, never to norms, gains or biases (as the trainer).
+    A shape answers for the tensor it describes (a caller updating pieces of one)."""
+    return len(getattr(parameter, "shape", parameter)) >= 2
 
 
 _DEEPSPEED_ADAM = None

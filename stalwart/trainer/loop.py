@@ -466,7 +466,9 @@ def _offload_engine(model, config: RunConfig, world_size: int, run_dir: Path):
     )
     micro_batch = config.trainer.batch_size // config.trainer.grad_accum_steps
     try:  # a micro-batch too long for the host budget fails here, before any step
-        engine.check_activation_room(micro_batch * config.model.context_length)
+        engine.check_activation_room(
+            micro_batch * config.model.context_length, config.model.context_length
+        )
     except ValueError:
         engine.close()
         raise

@@ -143,3 +143,42 @@ def test_a_long_micro_batch_takes_its_room_from_the_pool(tmp_path):
     engine.check_activation_room(tokens // 2)  # shorter batches were covered already
     assert engine.activation_reserve_bytes == need - room
     engine.close()
+
+
+def test_eager_attention_scores_are_counted_before_the_step(tmp_path):
+    """Eager attention holds batch x heads x sequence^2 scores in a block's recomputation, which
+    SDPA never builds: a 16k-token sequence SDPA fits in 4 GiB is refused with eager attention
+    (12 B per score, 4 heads: 12.9 GB), and shorter sequences in the same tokens cost less."""
+    transformers = pytest.importorskip("transformers")
+    engines = {}
+    for implementation in ("sdpa", "eager"):
+        config = transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation=implementation,
+        )
+        (tmp_path / implementation).mkdir()
+        engines[implementation] = OffloadEngine(
+            transformers.LlamaForCausalLM(config),
+            offload_config(tmp_path / implementation),
+            optim_config(),
+            loss_fn=lm_loss,
+        )
+    sdpa, eager = engines["sdpa"], engines["eager"]
+    extra = {
+        (tokens, length): eager.recompute_estimate_bytes(tokens, length)
+        - sdpa.recompute_estimate_bytes(tokens, length)
+        for tokens, length in ((4096, 4096), (4096, 1024), (8192, 4096))
+    }
+    assert extra[(4096, 4096)] == 12 * 4 * 4096 * 4096
+    assert extra[(4096, 1024)] == extra[(4096, 4096)] // 4  # four sequences of a quarter
+    assert extra[(8192, 4096)] == 2 * extra[(4096, 4096)]  # two sequences
+    sdpa.check_activation_room(16384, 16384)  # does not raise
+    with pytest.raises(ValueError, match="eager attention's score matrices"):
+        eager.check_activation_room(16384, 16384)
+    for engine in engines.values():
+        engine.close()
