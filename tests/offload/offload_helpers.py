@@ -22,9 +22,10 @@ def tiny_gpt(depth: int = 2, seed: int = 0, **overrides) -> GPT:
     return GPT(GPTConfig(context_length=16, depth=depth, seed=seed, **overrides))
 
 
-def tiny_llama(seed: int = 0):
+def llama_config(**overrides):
+    """A tiny Llama's config (3 layers of 64, 4 heads, a 96-token vocabulary), with overrides."""
     transformers = __import__("transformers")
-    config = transformers.LlamaConfig(
+    values = dict(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
@@ -33,9 +34,14 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    return transformers.LlamaConfig(**{**values, **overrides})
+
+
+def tiny_llama(seed: int = 0):
+    transformers = __import__("transformers")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(config).float()
+        return transformers.LlamaForCausalLM(llama_config()).float()
 
 
 def batches(

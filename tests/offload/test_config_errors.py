@@ -5,7 +5,7 @@ import shutil
 from collections import namedtuple
 
 import pytest
-from offload_helpers import lm_loss, offload_config, optim_config, tiny_gpt
+from offload_helpers import llama_config, lm_loss, offload_config, optim_config, tiny_gpt
 
 from stalwart.config import ConfigError, OffloadConfig, config_from_dict
 from stalwart.offload.engine import OffloadEngine, budget_split
@@ -152,15 +152,7 @@ def test_eager_attention_scores_are_counted_before_the_step(tmp_path):
     transformers = pytest.importorskip("transformers")
     engines = {}
     for implementation in ("sdpa", "eager"):
-        config = transformers.LlamaConfig(
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            attn_implementation=implementation,
-        )
+        config = llama_config(num_hidden_layers=2, attn_implementation=implementation)
         (tmp_path / implementation).mkdir()
         engines[implementation] = OffloadEngine(
             transformers.LlamaForCausalLM(config),

@@ -64,14 +64,16 @@ def test_a_vocabulary_larger_than_the_budget_allows_whole_trains_in_slices(tmp_p
     from stalwart.offload.engine import OffloadEngine, empty_parameters
 
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    from offload_helpers import llama_config
+
+    # The model rss_job.py builds for these arguments.
+    config = llama_config(
         vocab_size=32000,
         hidden_size=512,
         intermediate_size=1344,
         num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=8,
-        max_position_embeddings=64,
     )
     with empty_parameters():
         model = transformers.LlamaForCausalLM(config)
