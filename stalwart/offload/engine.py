@@ -422,6 +422,20 @@ class OffloadEngine:
         self._initialise_store(init_fn)
         self._head, self._head_unit, self._head_forward = self._find_head()
         self._eager_heads = _eager_attention_heads(model)
+        # The widest block's linear layers, summed (in + out): the recomputation estimate's
+        # basis, fixed at construction (the check before every step reads it).
+        self._linear_width = max(
+            (
+                sum(
+                    m.in_features + m.out_features
+                    for m in unit.modules[0].modules()
+                    if isinstance(m, nn.Linear)
+                )
+                for unit in self.units
+                if unit.is_block
+            ),
+            default=0,
+        )
         self._bypass_head = False
         self._bypassed: torch.Tensor | None = None
         self._install_hooks()
@@ -1578,16 +1592,7 @@ class OffloadEngine:
         and, for a model with eager attention, its score matrices (`_EAGER_SCORE_BYTES` per
         score); plus the hidden states the LM head takes and their gradient."""
         item = torch.empty(0, dtype=self.compute_dtype).element_size()
-        widths = [
-            sum(
-                m.in_features + m.out_features
-                for m in unit.modules[0].modules()
-                if isinstance(m, nn.Linear)
-            )
-            for unit in self.units
-            if unit.is_block
-        ]
-        recompute = int(2.5 * max(widths, default=0) * num_tokens * item)
+        recompute = int(2.5 * self._linear_width * num_tokens * item)
         if self._eager_heads:
             length = min(sequence_length or num_tokens, num_tokens)
             recompute += _EAGER_SCORE_BYTES * self._eager_heads * length * num_tokens
