@@ -104,6 +104,13 @@ def peak_rss_bytes() -> int:
 
 _MIN_SPARE_BYTES = 96 << 20  # the least workspace kept for kernels, threads and the allocator
 _MAX_SPARE_BYTES = 1 << 30  # and the most: it does not grow with the budget beyond this
+# Kept free of the heap's retained pages at block boundaries, for what the optimizer and I/O
+# threads allocate before the next boundary (half the least spare).
+_HEAP_MARGIN_BYTES = _MIN_SPARE_BYTES // 2
+# Allocations above these sizes are mapped and unmapped one by one: while the heap may keep
+# freed blocks for reuse, and when the process is near its budget (OffloadEngine._bound_heap).
+_REUSE_MMAP_THRESHOLD = 32 << 20
+_STRICT_MMAP_THRESHOLD = 256 << 10
 # One block's recomputation with eager attention holds its scores, their float32 softmax and
 # both gradients: bytes per score (batch x heads x sequence x sequence), measured 7.6-11.0 on
 # a Llama block (bf16 and fp32, 4-16 heads, 1-4k tokens) beyond what its linear layers take.
@@ -566,7 +573,8 @@ class OffloadEngine:
             if unit.state_bytes > 2 * slice_bytes:
                 unit.slice_bytes = slice_bytes
 
-        limit_heap_retention()
+        limit_heap_retention(_REUSE_MMAP_THRESHOLD)
+        self._heap_strict = False
         malloc_trim()
         self.baseline_rss_bytes = rss_bytes()
         largest = max(self.units, key=lambda u: u.working_set_bytes)
@@ -1113,6 +1121,29 @@ class OffloadEngine:
 
     def _exit_block(self, unit: _Unit) -> None:
         self._release(unit)
+        self._bound_heap()
+
+    def _bound_heap(self) -> None:
+        """Keep what the allocator holds inside the host budget, checked at block boundaries.
+
+        Freed activations stay in the heap, and the next block reuses them without page faults
+        (`limit_heap_retention`): 20-30% of a step's CPU time on a 2-core host at 2048 tokens
+        per micro-batch. That is allowed while the memory outside the pool, with the pool at its
+        budget, one more block's recomputation and `_HEAP_MARGIN_BYTES`, fits the budget. When
+        it does not, the heap's free pages go back to the OS and allocations above 256 KiB are
+        mapped and unmapped one by one (no reuse, no fragmentation) until there is room again
+        by another margin."""
+        outside = rss_bytes() - self.pool.used_bytes
+        projected = outside + self.pool.budget_bytes + self._room_checked_bytes + _HEAP_MARGIN_BYTES
+        if projected > self.max_host_bytes:
+            malloc_trim()
+            self._stats["heap_trims"] = self._stats.get("heap_trims", 0) + 1
+            if not self._heap_strict:
+                limit_heap_retention(_STRICT_MMAP_THRESHOLD)
+                self._heap_strict = True
+        elif self._heap_strict and projected + _HEAP_MARGIN_BYTES <= self.max_host_bytes:
+            limit_heap_retention(_REUSE_MMAP_THRESHOLD)
+            self._heap_strict = False
 
     def _stash(self, unit: _Unit, tensor: torch.Tensor) -> StashedCheckpoint:
         num_bytes = tensor.numel() * tensor.element_size()
@@ -1145,6 +1176,7 @@ class OffloadEngine:
     def _after_block_backward(self, unit: _Unit) -> None:
         if not unit.trainable and unit.p_buffer is not None:
             self._release(unit)
+        self._bound_heap()
         # Bring the checkpoint of the next block in backward order in from NVMe ahead of use.
         order = self._backward_order
         if unit in order:
@@ -1469,6 +1501,7 @@ class OffloadEngine:
         self._stats = dict.fromkeys(
             ("wait_s", "forward_s", "backward_s", "optimizer_s", "sweep_s", "drain_s"), 0.0
         )
+        self._stats["heap_trims"] = 0
         self._lr = float(lr)
         self.check_activation_room(
             max(_num_tokens(inputs) for inputs, _ in micro_batches),
@@ -1510,6 +1543,8 @@ class OffloadEngine:
             "optimizer_s": self._stats["optimizer_s"],
             "step_time_s": time.perf_counter() - start,
             "pool_peak_bytes": self.pool.peak_bytes,
+            # Block boundaries at which the heap's free pages were handed back (_bound_heap).
+            "heap_trims": self._stats["heap_trims"],
             "loss_chunk_tokens": self._stats.get("loss_chunk_tokens"),
             "peak_rss_bytes": peak_rss_bytes() if measured_peak else None,
         }

@@ -60,13 +60,14 @@ def main(
         loss_fn=loss_fn,
     )
     generator = torch.Generator().manual_seed(0)
-    losses, step_peaks, chunks = [], [], []
+    losses, step_peaks, chunks, trims = [], [], [], []
     for _ in range(steps):
         tokens = torch.randint(0, vocab, (1, length + 1), generator=generator)
         metrics = engine.train_step([(tokens[:, :-1], tokens[:, 1:])], lr=1e-3)
         losses.append(metrics["loss"])
         step_peaks.append(metrics["peak_rss_bytes"])
         chunks.append(metrics["loss_chunk_tokens"])
+        trims.append(metrics["heap_trims"])
     describe = engine.describe()
     engine.close()
     peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -81,6 +82,7 @@ def main(
                 "losses": losses,
                 "step_peaks": step_peaks,
                 "loss_chunk_tokens": chunks,
+                "heap_trims": trims,
                 "bytes_written_last_step": metrics["bytes_written"],
                 "describe": describe,
                 "sliced_units": sum(1 for unit in engine.units if unit.slice_bytes),
