@@ -306,13 +306,28 @@ def summarise(report: dict, args, warmup: int) -> dict:
     }
 
 
-def ours_largest_layer_params(budget_bytes: int, baseline_bytes: int, precision: str) -> int:
-    """Largest layer our engine accepts under a host budget (the engine's construction rule):
-    baseline + 2 x 4 B/param gradients + max(96 MiB, headroom/4) + two working sets of a layer
-    (parameters + optimizer span + gradient: 4+8+4 B/param in fp32, 2+12+4 in bf16)."""
-    headroom = budget_bytes - baseline_bytes
-    working_set = 18 if precision == "bf16" else 16
-    return max(0, int((headroom - max(96 << 20, headroom // 4)) / (8 + 2 * working_set)))
+def ours_largest_layer_params(budget_gb: float, hidden: int, precision: str) -> int:
+    """Largest single layer our engine accepts under `budget_gb`: an untied embedding and LM head
+    of `hidden` columns (the engine updates them in slices of `offload.sub_group_size`), found
+    by bisection on the vocabulary of a one-block model built on the meta device. The engine's
+    own refusal names the budget it needs, with this process's baseline RSS counted."""
+    import transformers
+    from offload_budget import smallest_budget_gb
+
+    from stalwart.offload.engine import empty_parameters
+
+    def fits(vocab: int) -> bool:
+        with empty_parameters():
+            model = transformers.LlamaForCausalLM(llama_config(1, hidden, vocab, 256))
+        return smallest_budget_gb(model, precision, 1 << 23) <= budget_gb
+
+    low, high = 0, 1 << 14
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > max(low // 64, 64):
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low * hidden
 
 
 def main() -> None:
@@ -442,13 +457,12 @@ def main() -> None:
 
     speedup = None
     largest = {}
-    baseline_bytes = ours["peak_rss_bytes"] - 0  # refined below
     free_bytes = shutil.disk_usage(args.nvme_root).free
-    largest["ours_params_bounded_by_nvme"] = (
-        free_bytes // 28
-    )  # 2 versions x 12 B + 4 B gradient span
+    # Two versions of (working parameters + fp32 master, exp_avg, exp_avg_sq) and a 4 B gradient
+    # span per parameter: 28 B in fp32 (the parameters are the masters), 32 B with bf16 copies.
+    largest["ours_params_bounded_by_nvme"] = free_bytes // (32 if args.precision == "bf16" else 28)
     largest["ours_largest_layer_params"] = ours_largest_layer_params(
-        4 * GIB, 450 << 20, args.precision
+        4.0, args.hidden, args.precision
     )
     if deepspeed and "error" not in deepspeed:
         speedup = ours["tokens_per_s"] / deepspeed["tokens_per_s"]
@@ -474,7 +488,6 @@ def main() -> None:
             else ""
         )
     )
-    del baseline_bytes
 
     result = {
         "model": {
