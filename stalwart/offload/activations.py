@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -132,10 +133,12 @@ class BlockCheckpoint(torch.autograd.Function):
         hidden = runner.stash.restore().detach().requires_grad_(True)
         runner.stash = None
         runner.before_recompute()
+        started = time.perf_counter()
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
             torch.set_rng_state(runner.rng_state)
             output = runner.run(hidden, recompute=True)
         torch.autograd.backward(output, grad_output)
+        runner.backward_s = time.perf_counter() - started
         runner.after_backward()
         return None, hidden.grad, None
 
@@ -160,6 +163,7 @@ class CheckpointedCall:
         self.after_backward = after_backward
         self.rng_state = None
         self.stash: StashedCheckpoint | None = None
+        self.backward_s: float | None = None  # recomputation + backward, parameters resident
 
     def run(self, hidden: torch.Tensor, recompute: bool = False):
         kwargs = self.kwargs

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import threading
 import time
 import uuid
@@ -454,6 +455,9 @@ class OffloadEngine:
         self._room_checked_bytes = 0  # the largest estimate the budget was checked for
         self.activation_reserve_bytes = 0  # taken from the pool for one block's recomputation
         self._sequence_length = 0
+        # (unit, tokens, forward seconds, the call: its backward seconds) of each block in the
+        # profiling step.
+        self._block_times: list[tuple[_Unit, int, float, CheckpointedCall]] = []
         self.plan: OffloadPlan | None = None
         self.machine: Machine | None = None
 
@@ -1010,7 +1014,14 @@ class OffloadEngine:
                         before_recompute=lambda: engine._before_backward(unit),
                         after_backward=lambda: engine._after_block_backward(unit),
                     )
+                    started = time.perf_counter()
                     output = BlockCheckpoint.apply(call, hidden, dummy)
+                    if engine.plan is None and engine._auto_plan and hidden.dim() > 1:
+                        # The profiling step: how fast this model's blocks really compute.
+                        tokens = hidden.numel() // hidden.shape[-1]
+                        engine._block_times.append(
+                            (unit, tokens, time.perf_counter() - started, call)
+                        )
                     if call.extras is not None:
                         output = (output, *call.extras)
                     engine._exit_block(unit)
@@ -1611,12 +1622,36 @@ class OffloadEngine:
             forced_prefetch_depth=self._forced_prefetch_depth,
             forced_activation_target=self._forced_activation_target,
             sequence_length=self._sequence_length,
+            compute_efficiency=self._measured_compute_efficiency(),
         )
         self.prefetch_depth = self.plan.prefetch_depth
         self.activation_targets = dict(self.plan.activation_targets)
         logger.info(self.plan.describe())
         malloc_trim()
         return self.plan
+
+    def _measured_compute_efficiency(self) -> float:
+        """The blocks' measured speed over what the machine's matmul and attention rates
+        predict for them: forward, recomputation and backward (parameters resident; 8 FLOPs
+        per parameter and token, 8 s w per token for attention), the median over the
+        profiling step's blocks; 1.0 unmeasured. Normalisation, activations and the like run
+        far below the matmul rate on a CPU."""
+        ratios = []
+        machine = self.machine
+        attention_rate = machine.attention_flops_per_s or machine.compute_flops_per_s
+        for unit, tokens, forward_s, call in self._block_times:
+            if call.backward_s is None:
+                continue
+            params = sum(slot.numel for slot in unit.slots)
+            width = self._block_width.get(unit.index, 0)
+            length = min(self._sequence_length or tokens, tokens)
+            predicted = 8 * params * tokens / machine.compute_flops_per_s
+            predicted += 8 * length * tokens * width / attention_rate
+            ratios.append(predicted / (forward_s + call.backward_s))
+        self._block_times = []
+        if not ratios:
+            return 1.0
+        return min(max(statistics.median(ratios), 0.05), 2.0)
 
     def recompute_estimate_bytes(self, num_tokens: int, sequence_length: int = 0) -> int:
         """What a micro-batch of `num_tokens` in sequences of `sequence_length` (0: one

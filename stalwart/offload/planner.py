@@ -9,6 +9,9 @@ Model (`plan_offload`), per step with T tokens and the engine's byte counts per 
   plus causal attention, which no parameter count sees and which dominates long sequences:
   2 s w FLOPs per token and block forward (QK^T and AV over s/2 keys on average, width w),
   4x that with the backward and the recompute, at the attention kernel's own measured rate;
+  all divided by the compute efficiency the engine measured on the model's own blocks in the
+  profiling step (their forward time against this prediction): normalisation, activations
+  and rotary embeddings run far below the matmul rate on a CPU;
 - NVMe: parameters read twice (forward and backward), AdamW state (and the fp32 master, with
   bf16 working parameters) read once, parameters and state written once, gradients written once when clipping is on (and twice more per extra
   micro-batch for accumulation), plus every swapped checkpoint written and read;
@@ -176,6 +179,7 @@ class OffloadPlan:
     written_bytes: int
     machine: Machine
     candidates: dict[int, float] = field(default_factory=dict)
+    compute_efficiency: float = 1.0  # the blocks' measured speed / the matmul rate's prediction
 
     def describe(self) -> str:
         swapped = sum(1 for target in self.activation_targets.values() if target != "keep")
@@ -184,7 +188,9 @@ class OffloadPlan:
             f"{swapped}/{len(self.activation_targets)} block checkpoints swapped",
             f"  machine: {self.machine.describe()}",
             f"  per step: NVMe {self.read_bytes / 1e9:.2f} GB read + {self.written_bytes / 1e9:.2f} GB written "
-            f"= {self.nvme_s:.2f} s, compute {self.compute_s:.2f} s, host memory {self.host_s:.2f} s",
+            f"= {self.nvme_s:.2f} s, compute {self.compute_s:.2f} s "
+            f"(blocks measured at {self.compute_efficiency:.2f}x the matmul rate), "
+            f"host memory {self.host_s:.2f} s",
             f"  predicted step {self.predicted_step_s:.2f} s (lower bound {self.lower_bound_s:.2f} s); "
             + ", ".join(f"depth {d}: {t:.2f} s" for d, t in sorted(self.candidates.items())),
         ]
@@ -205,6 +211,7 @@ def plan_offload(
     forced_prefetch_depth: int | None = None,
     forced_activation_target: str | None = None,
     sequence_length: int = 0,
+    compute_efficiency: float = 1.0,
 ) -> OffloadPlan:
     num_params = sum(u.num_params for u in units)
     block_params = sum(u.num_params for u in units if u.is_block)
@@ -212,6 +219,7 @@ def plan_offload(
     compute_s = flops / machine.compute_flops_per_s
     attention_flops = 8 * sequence_length * tokens_per_step * sum(u.attention_width for u in units)
     compute_s += attention_flops / (machine.attention_flops_per_s or machine.compute_flops_per_s)
+    compute_s /= compute_efficiency
 
     # Activation placement: keep while the allowance lasts, then swap the earliest blocks.
     blocks = sorted((u for u in units if u.is_block), key=lambda u: u.index)
@@ -258,7 +266,7 @@ def plan_offload(
         if depth and working_set * 2 + depth * largest.param_bytes > pool_budget_bytes:
             break
         candidates[depth] = _predict(
-            units, machine, tokens_per_step, depth, compute_s, nvme_s, host_s
+            units, machine, tokens_per_step, depth, compute_s, nvme_s, host_s, compute_efficiency
         )
     best = min(candidates.values())
     depth = min(d for d, t in candidates.items() if t <= best * 1.02)
@@ -266,7 +274,14 @@ def plan_offload(
         depth = forced_prefetch_depth
         if depth not in candidates:
             candidates[depth] = _predict(
-                units, machine, tokens_per_step, depth, compute_s, nvme_s, host_s
+                units,
+                machine,
+                tokens_per_step,
+                depth,
+                compute_s,
+                nvme_s,
+                host_s,
+                compute_efficiency,
             )
     return OffloadPlan(
         prefetch_depth=depth,
@@ -281,10 +296,13 @@ def plan_offload(
         written_bytes=written_bytes,
         machine=machine,
         candidates=candidates,
+        compute_efficiency=compute_efficiency,
     )
 
 
-def _predict(units, machine: Machine, tokens: int, depth: int, compute_s, nvme_s, host_s) -> float:
+def _predict(
+    units, machine: Machine, tokens: int, depth: int, compute_s, nvme_s, host_s, efficiency=1.0
+) -> float:
     """Predicted step time for a prefetch depth (see the module docstring)."""
     if depth == 0:
         return compute_s + nvme_s + host_s
@@ -293,7 +311,8 @@ def _predict(units, machine: Machine, tokens: int, depth: int, compute_s, nvme_s
     for position, unit in enumerate(ordered):
         read_s = unit.param_bytes / machine.nvme_read_bytes_per_s
         ahead = ordered[max(0, position - depth) : position]
-        hide_s = sum(8 * u.num_params * tokens / machine.compute_flops_per_s for u in ahead)
+        rate = machine.compute_flops_per_s * efficiency
+        hide_s = sum(8 * u.num_params * tokens / rate for u in ahead)
         stall_s += 2 * max(0.0, read_s - hide_s)  # forward and backward
     fill_s = max(u.param_bytes for u in units) / machine.nvme_read_bytes_per_s
     return max(compute_s, nvme_s, host_s) + stall_s + fill_s

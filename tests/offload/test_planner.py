@@ -173,6 +173,29 @@ def test_the_engine_gives_the_planner_sequence_length_and_attention_width(tmp_pa
     engine.close()
 
 
+def test_compute_runs_at_the_efficiency_measured_on_the_model_blocks(tmp_path):
+    """The matmul rate overstates what a block achieves (normalisation, activations, small
+    shapes): the planner divides its compute by the efficiency the engine measured on the
+    model's own blocks in the profiling step, and the prefetch model hides reads behind that
+    slower compute."""
+    units = _units()
+    full = _plan(units, tokens_per_step=4096)
+    half = _plan(units, tokens_per_step=4096, compute_efficiency=0.5)
+    assert half.compute_s == pytest.approx(2 * full.compute_s, rel=1e-12)
+    assert half.compute_efficiency == 0.5 and full.compute_efficiency == 1.0
+    assert half.predicted_step_s >= full.predicted_step_s
+    assert "blocks measured at 0.50x the matmul rate" in half.describe()
+
+    engine = _gpt_engine(tmp_path, depth=2, aio_backend="threadpool")
+    engine.train_step(batches(1, num_micro=1, vocab=259, length=12)[0], 1e-3)
+    # Measured, not assumed: a positive ratio other than the unmeasured 1.0, and the per-block
+    # records are consumed by the plan.
+    assert 0.05 <= engine.plan.compute_efficiency <= 2.0
+    assert engine.plan.compute_efficiency != 1.0
+    assert engine._block_times == []
+    engine.close()
+
+
 def test_the_profiling_step_swaps_checkpoints_beyond_half_the_allowance(tmp_path):
     """Before any plan, a long sequence must not pile every block's checkpoint into memory."""
     from offload_helpers import named_parameters, reference_train
