@@ -69,7 +69,14 @@ from stalwart.offload.planner import (
     plan_offload,
     step_vs_plan,
 )
-from stalwart.offload.store import GIB, HostBufferPool, Region, TensorStore, check_nvme_path
+from stalwart.offload.store import (
+    GIB,
+    HostBufferPool,
+    Region,
+    TensorStore,
+    check_nvme_path,
+    completed_future,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -894,7 +901,7 @@ class OffloadEngine:
                 torch._foreach_mul_(grads, clip_coef)
             if unit.slice_bytes:
                 self._sliced_update(unit, slots, grads, p_buffer, mv_buffer, base, target, lr)
-                write_mv = _done_future()
+                write_mv = completed_future()
                 mv_buffer.release()
             else:
                 self._update(unit, slots, grads, p_buffer, mv_buffer, lr)
@@ -2250,12 +2257,6 @@ def _array_reader(data) -> Callable[[int, memoryview], None]:
         target[:] = source[offset : offset + len(target)]
 
     return read_into
-
-
-def _done_future() -> Future:
-    future: Future = Future()
-    future.set_result(None)
-    return future
 
 
 def _release_after(buffer, futures: list[Future]) -> None:

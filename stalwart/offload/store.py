@@ -363,14 +363,22 @@ def _pass_on(source: Future, target: Future) -> None:
         target.set_result(source.result())
 
 
-def _done(action) -> Future:
+def completed_future() -> Future:
+    """A future that is already done (for a transfer that had nothing to move)."""
     future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def _done(action) -> Future:
+    """Run `action` now; its outcome, result or exception, as a completed future."""
     try:
         action()
-        future.set_result(None)
     except BaseException as error:  # noqa: BLE001 - delivered through the future
+        future: Future = Future()
         future.set_exception(error)
-    return future
+        return future
+    return completed_future()
 
 
 def check_nvme_path(path: str | None) -> str:
