@@ -656,6 +656,7 @@ class OffloadEngine:
             self.pool_budget_bytes,
             pin_memory=bool(getattr(offload_config, "pin_memory", False)),
         )
+        self.pool.before_growth = self._before_pool_growth
         self.swapper = (
             ActivationSwapper(self.aio, self.nvme_directory, self.pool)
             if self.nvme_directory
@@ -1146,22 +1147,28 @@ class OffloadEngine:
 
         Freed activations stay in the heap, and the next block reuses them without page faults
         (`limit_heap_retention`): 20-30% of a step's CPU time on a 2-core host at 2048 tokens
-        per micro-batch. That is allowed while the memory outside the pool, with the pool at its
-        budget, one more block's recomputation and `_HEAP_MARGIN_BYTES`, fits the budget. When
-        it does not, the heap's free pages go back to the OS and allocations above 256 KiB are
-        mapped and unmapped one by one (no reuse, no fragmentation) until there is room again
-        by another margin."""
-        outside = rss_bytes() - self.pool.used_bytes
-        projected = outside + self.pool.budget_bytes + self._room_checked_bytes + _HEAP_MARGIN_BYTES
+        per micro-batch. That is allowed while the process's RSS, one more block's
+        recomputation and `_HEAP_MARGIN_BYTES` fit the budget, and the pool makes room the same
+        way before it maps a new buffer (`_before_pool_growth`). When they do not, the heap's
+        free pages go back to the OS and allocations above 256 KiB are mapped and unmapped one
+        by one (no reuse, no fragmentation) until there is room again by another margin."""
+        projected = rss_bytes() + self._room_checked_bytes + _HEAP_MARGIN_BYTES
         if projected > self.max_host_bytes:
-            malloc_trim()
-            self._stats["heap_trims"] = self._stats.get("heap_trims", 0) + 1
-            if not self._heap_strict:
-                limit_heap_retention(_STRICT_MMAP_THRESHOLD)
-                self._heap_strict = True
+            self._trim_heap()
         elif self._heap_strict and projected + _HEAP_MARGIN_BYTES <= self.max_host_bytes:
             limit_heap_retention(_REUSE_MMAP_THRESHOLD)
             self._heap_strict = False
+
+    def _before_pool_growth(self, num_bytes: int) -> None:
+        if rss_bytes() + num_bytes + _HEAP_MARGIN_BYTES > self.max_host_bytes:
+            self._trim_heap()
+
+    def _trim_heap(self) -> None:
+        malloc_trim()
+        self._stats["heap_trims"] = self._stats.get("heap_trims", 0) + 1
+        if not self._heap_strict:
+            limit_heap_retention(_STRICT_MMAP_THRESHOLD)
+            self._heap_strict = True
 
     def _stash(self, unit: _Unit, tensor: torch.Tensor) -> StashedCheckpoint:
         num_bytes = tensor.numel() * tensor.element_size()

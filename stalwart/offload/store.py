@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,6 +69,8 @@ class HostBufferPool:
         self._cached: dict[int, list[torch.Tensor]] = {}
         self._cached_bytes = 0
         self._condition = threading.Condition()
+        # Called with the size before the pool maps a new buffer (the owner can make room).
+        self.before_growth: Callable[[int], None] | None = None
 
     # -- allocation -------------------------------------------------------------------------
 
@@ -106,6 +109,8 @@ class HostBufferPool:
             self._evict_cached(size)
         if self.used_bytes + size > self.budget_bytes:
             return None
+        if self.before_growth is not None:
+            self.before_growth(size)
         self.used_bytes += size
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         return HostBuffer(self._new_tensor(size), size, self)

@@ -207,6 +207,26 @@ def test_pool_budget_is_hard_and_exact():
     aio.close()
 
 
+def test_the_pool_asks_its_owner_before_it_maps_a_new_buffer():
+    """`before_growth` lets the engine make room (trim its heap) before the pool's RSS grows;
+    a cached buffer coming back maps nothing and asks nothing."""
+    aio = make_aio(SETTINGS, backend="threadpool")
+    pool = HostBufferPool(aio, budget_bytes=1 << 20)
+    asked = []
+    pool.before_growth = lambda num_bytes: asked.append((num_bytes, pool.used_bytes))
+    first = pool.acquire(300_000)
+    assert asked == [(303_104, 0)]  # before the buffer counts
+    first.release()
+    again = pool.acquire(300_000)
+    assert asked == [(303_104, 0)]
+    other = pool.acquire(100_000)
+    assert asked[-1] == (102_400, 303_104)
+    again.release()
+    other.release()
+    pool.close()
+    aio.close()
+
+
 def test_bandwidth_is_measured(tmp_path):
     aio = make_aio(SETTINGS, backend="threadpool")
     bandwidth = measure_bandwidth(aio, str(tmp_path), num_bytes=8 << 20)
