@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +13,39 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def _run_job(tmp_path, *args, timeout=280) -> dict:
+def _start_job(tmp_path, *args, timeout=280) -> subprocess.CompletedProcess:
     tmp_path.mkdir(parents=True, exist_ok=True)
     environment = dict(
         os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     )
-    completed = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(HERE / "rss_job.py"), str(tmp_path), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=environment,
     )
+
+
+def _run_job(tmp_path, *args, timeout=280) -> dict:
+    completed = _start_job(tmp_path, *args, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _run_at_the_smallest_budget(tmp_path, *args) -> dict:
+    """The job just above the smallest budget the engine accepts for it in this process (the
+    baseline RSS counts, and differs between installations), found from its own refusals."""
+    budget_gb = 0.3
+    for attempt in range(4):
+        completed = _start_job(tmp_path / f"attempt{attempt}", budget_gb, *args)
+        if completed.returncode == 0:
+            return json.loads(completed.stdout.strip().splitlines()[-1])
+        found = re.search(r"at least (\d+\.\d+)", completed.stderr)
+        assert found, completed.stderr[-3000:]
+        # 20 MiB above the least: at the very least the pool is too small to read ahead.
+        budget_gb = float(found.group(1)) + 0.02
+    raise AssertionError(f"no budget accepted; the last refusal: {completed.stderr[-3000:]}")
 
 
 def test_peak_rss_within_budget_for_state_four_times_larger(tmp_path):
@@ -56,15 +76,18 @@ def test_long_sequences_with_a_large_vocabulary_stay_within_budget(tmp_path):
     assert chunked["losses"][0] == pytest.approx(whole["losses"][0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_heap_keeps_freed_activations_only_while_the_budget_has_room(tmp_path):
     """Freed activations stay in the heap for the next block to reuse (no page faults) while the
     budget has room for them; near the budget they go back to the OS at block boundaries.
     2048 tokens per micro-batch through 12 blocks: with a 4 GiB budget nothing is handed back;
-    with 0.9 GiB it is, and the peak stays under it."""
+    at the smallest budget the engine accepts (about 0.9 GiB) it is, and the peak stays under
+    the budget."""
     roomy = _run_job(tmp_path / "roomy", 4.0, 12, 512, 2, 512, 2048, "chunked")
     assert roomy["heap_trims"] == [0, 0], roomy
     assert roomy["peak_rss_bytes"] <= roomy["budget_bytes"], roomy
-    tight = _run_job(tmp_path / "tight", 0.9, 12, 512, 2, 512, 2048, "chunked")
+    tight = _run_at_the_smallest_budget(tmp_path / "tight", 12, 512, 2, 512, 2048, "chunked")
+    assert tight["budget_bytes"] < 2 << 30, tight
     assert all(trims > 0 for trims in tight["heap_trims"]), tight
     assert tight["peak_rss_bytes"] <= tight["budget_bytes"], tight
     # Same model, data and arithmetic: where the memory comes from changes nothing else.
