@@ -10,8 +10,9 @@ Model (`plan_offload`), per step with T tokens and the engine's byte counts per 
   2 s w FLOPs per token and block forward (QK^T and AV over s/2 keys on average, width w),
   4x that with the backward and the recompute, at the attention kernel's own measured rate;
   all divided by the compute efficiency the engine measured on the model's own blocks in the
-  profiling step (their forward time against this prediction): normalisation, activations
-  and rotary embeddings run far below the matmul rate on a CPU;
+  profiling step (this prediction against their measured forward, recomputation and
+  backward, parameters resident): normalisation, activations and rotary embeddings run far
+  below the matmul rate on a CPU;
 - NVMe: parameters read twice (forward and backward), AdamW state (and the fp32 master, with
   bf16 working parameters) read once, parameters and state written once, gradients written once when clipping is on (and twice more per extra
   micro-batch for accumulation), plus every swapped checkpoint written and read;
