@@ -7,7 +7,7 @@ TORCH_VERSION := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b --json runs/bench/$$(basename $$b .py).json || exit 1; done
+
+# Wheels of what PyTorch images usually lack, for bench/gpu_check.sh on a machine without network.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
+	  --python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

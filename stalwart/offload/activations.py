@@ -122,6 +122,10 @@ class BlockCheckpoint(torch.autograd.Function):
         # hidden state does not (a frozen embedding below it).
         ctx.runner = runner
         runner.rng_state = torch.get_rng_state()
+        # On a GPU, dropout draws from the device's generator: save it too.
+        runner.device_rng_state = (
+            torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        )
         with torch.no_grad():
             output = runner.run(hidden)
         runner.stash = runner.make_stash(hidden)
@@ -134,8 +138,11 @@ class BlockCheckpoint(torch.autograd.Function):
         runner.stash = None
         runner.before_recompute()
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        devices = [hidden.device] if runner.device_rng_state is not None else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.set_rng_state(runner.rng_state)
+            if runner.device_rng_state is not None:
+                torch.cuda.set_rng_state(runner.device_rng_state, hidden.device)
             output = runner.run(hidden, recompute=True)
         torch.autograd.backward(output, grad_output)
         runner.backward_s = time.perf_counter() - started
@@ -162,6 +169,7 @@ class CheckpointedCall:
         self.before_recompute = before_recompute
         self.after_backward = after_backward
         self.rng_state = None
+        self.device_rng_state = None
         self.stash: StashedCheckpoint | None = None
         self.backward_s: float | None = None  # recomputation + backward, parameters resident
 

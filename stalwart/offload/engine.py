@@ -51,6 +51,7 @@ from stalwart.offload.activations import (
     can_checkpoint,
 )
 from stalwart.offload.aio import AioSettings, align_up, limit_heap_retention, make_aio, malloc_trim
+from stalwart.offload.device import parameter_transfers
 from stalwart.offload.loss import TokenCrossEntropy, chunked_head_loss
 from stalwart.offload.optimizer import (
     AdamWSettings,
@@ -382,6 +383,8 @@ class OffloadEngine:
         self.compute_device = (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         )
+        # Host buffer -> compute memory: views on the host, a copy stream on a GPU (device.py).
+        self.transfers = parameter_transfers(self.compute_device)
         self.settings = AdamWSettings.from_config(optim_config)
         # Looks like a torch optimizer's to LR schedules: train_step reads the LR from here.
         self.param_groups = [{"lr": float(getattr(optim_config, "lr", 1e-3) or 1e-3)}]
@@ -806,16 +809,47 @@ class OffloadEngine:
             unit.p_future = None
         if not unit.attached:
             unit.attached = True
-            for slot in unit.slots:
-                view = unit.p_buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, slot.shape)
-                if self.compute_device.type != "cpu":
-                    view = view.to(self.compute_device, non_blocking=True)
-                slot.param.data = view
+            tensors = self.transfers.attach(unit.index, self._host_views(unit))
+            for slot, tensor in zip(unit.slots, tensors):
+                slot.param.data = tensor
 
-    def _release(self, unit: _Unit) -> None:
+    @staticmethod
+    def _host_views(unit: _Unit) -> list[torch.Tensor]:
+        return [
+            unit.p_buffer.view(slot.compute_dtype, slot.p_offset, slot.numel, slot.shape)
+            for slot in unit.slots
+        ]
+
+    def _stage_ready(self, unit: _Unit) -> None:
+        """On a GPU, start copying `unit`'s parameters to the device if its host buffer is
+        final: read from NVMe and no update pending on it."""
+        if (
+            not self.transfers.copies
+            or unit.attached
+            or unit.p_buffer is None
+            or unit.update_job is not None
+            or unit.pending_update is not None
+            or self.transfers.staged(unit.index)
+        ):
+            return
+        if unit.p_future is not None:
+            if not unit.p_future.done():
+                return
+            unit.p_future.result()
+            unit.p_future = None
+        if self.transfers.stage(unit.index, self._host_views(unit)):
+            self._stats["staged_ahead"] = self._stats.get("staged_ahead", 0) + 1
+
+    def _unattach(self, unit: _Unit) -> None:
+        """The unit's parameters stop pointing at its buffer's contents; on a GPU, wait until
+        the buffer's copy to the device has run, so that the buffer may change or be reused."""
         unit.attached = False
         for slot in unit.slots:
             slot.param.data = _placeholder(slot.compute_dtype, self.compute_device)
+        self.transfers.drop(unit.index)
+
+    def _release(self, unit: _Unit) -> None:
+        self._unattach(unit)
         if unit.update_job is not None:
             self._finish_update(unit)  # started ahead of a use that never came: still applied
         if unit.p_buffer is not None:
@@ -865,6 +899,7 @@ class OffloadEngine:
         the optimizer thread; the buffers come from the pool like a prefetch's."""
         if unit.update_job is not None:
             return True
+        self.transfers.drop(unit.index)  # a copy of the old parameters is stale from here
         sizes = (unit.p_bytes, unit.update_buffer_bytes, unit.state_bytes)
         if blocking:
             buffers = [self.pool.acquire(size) for size in sizes]
@@ -956,6 +991,7 @@ class OffloadEngine:
                 continue
             if not self._start_read(unit, blocking=False):
                 break
+            self._stage_ready(unit)
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -1332,10 +1368,8 @@ class OffloadEngine:
     def _hand_to_optimizer(self, unit: _Unit, updated: list[tuple[_Slot, torch.Tensor]]) -> None:
         p_buffer, mv_buffer, mv_future = unit.p_buffer, unit.mv_buffer, unit.mv_future
         g_buffer = unit.g_buffer
+        self._unattach(unit)  # before the optimizer thread rewrites p_buffer
         unit.p_buffer = unit.mv_buffer = unit.mv_future = unit.g_buffer = unit.g_future = None
-        for slot in unit.slots:
-            slot.param.data = _placeholder(slot.compute_dtype, self.compute_device)
-        unit.attached = False
         if not updated:
             for buffer in (p_buffer, mv_buffer, g_buffer):
                 if buffer is not None:
@@ -1527,6 +1561,7 @@ class OffloadEngine:
             ("wait_s", "forward_s", "backward_s", "optimizer_s", "sweep_s", "drain_s"), 0.0
         )
         self._stats["heap_trims"] = 0
+        self._stats["staged_ahead"] = 0
         self._lr = float(lr)
         self.check_activation_room(
             max(_num_tokens(inputs) for inputs, _ in micro_batches),
@@ -1570,6 +1605,8 @@ class OffloadEngine:
             "pool_peak_bytes": self.pool.peak_bytes,
             # Block boundaries at which the heap's free pages were handed back (_bound_heap).
             "heap_trims": self._stats["heap_trims"],
+            # Units whose parameters were copied to the device before their use (GPU only).
+            "staged_ahead": self._stats["staged_ahead"],
             "loss_chunk_tokens": self._stats.get("loss_chunk_tokens"),
             "peak_rss_bytes": peak_rss_bytes() if measured_peak else None,
         }

@@ -71,11 +71,17 @@ class Machine:
         return ", ".join(parts)
 
 
+def _probe_tensor(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Random operands from a generator of the probe's own: drawing from the global one would
+    shift the training's random numbers (dropout masks) by whether a plan was made."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+
 def _matmul_flops_per_s(
     device: torch.device, size: int = 1024, repeats: int = 4, dtype: torch.dtype = torch.float32
 ) -> float:
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    a, b = (_probe_tensor((size, size), device, dtype) for _ in range(2))
     torch.mm(a, b)  # warm up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -97,7 +103,7 @@ def _attention_flops_per_s(
     """Causal SDPA forward + backward on one sequence, as model FLOPs (3x the forward's
     2 s^2 d per head: QK^T and AV over half the keys) per second."""
     shape = (1, heads, length, head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (_probe_tensor(shape, device, dtype).requires_grad_() for _ in range(3))
 
     def run():
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

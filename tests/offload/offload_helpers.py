@@ -37,11 +37,11 @@ def llama_config(**overrides):
     return transformers.LlamaConfig(**{**values, **overrides})
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **overrides):
     transformers = __import__("transformers")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(llama_config()).float()
+        return transformers.LlamaForCausalLM(llama_config(**overrides)).float()
 
 
 def batches(

@@ -96,6 +96,25 @@ def test_hf_llama_bit_identical_to_in_memory_adamw(tmp_path):
     engine.close()
 
 
+def test_dropout_is_recomputed_with_the_forward_random_numbers(tmp_path):
+    """Blocks run without saving activations and recompute their forward in backward: the
+    recomputation must draw the same dropout masks as the forward did (the block's RNG state
+    is saved and restored), and the draws after it must not shift. GPU twin:
+    test_engine_cuda.py (the device's generator)."""
+    optim = optim_config(grad_clip=1.0)
+    steps = batches(3, num_micro=2, vocab=96)
+    lrs = [1e-2, 1e-2, 1e-2]
+    reference = tiny_llama(attention_dropout=0.3)
+    torch.manual_seed(1234)
+    reference_train(reference, steps, optim, lrs)
+    torch.manual_seed(1234)
+    engine, _, params = _train_offloaded(
+        tiny_llama(attention_dropout=0.3), tmp_path, steps, optim, lrs, optimizer_kernel="torch"
+    )
+    _assert_identical(named_parameters(reference), params)
+    engine.close()
+
+
 def test_host_device_equals_in_memory(tmp_path):
     optim = optim_config(grad_clip=1.0)
     steps = batches(2, num_micro=1, vocab=259)
@@ -490,3 +509,48 @@ def test_slicing_shrinks_the_smallest_pool_to_parameters_and_gradients(tmp_path)
     assert pools["whole"][1] == pytest.approx(18, rel=0.02)
     assert pools["sliced"][1] == pytest.approx(6, rel=0.15)
     assert pools["sliced"][0] < pools["whole"][0] / 2.5
+
+
+@pytest.mark.parametrize(
+    "precision, grad_clip, num_micro",
+    [("fp32", 0.0, 2), ("fp32", 0.05, 2), ("bf16", 0.05, 1)],
+    ids=["fp32-no-clip", "fp32-clip-every-step", "bf16-clip-every-step"],
+)
+def test_parameters_copied_ahead_of_use_are_never_stale(tmp_path, precision, grad_clip, num_micro):
+    """CPU twin of the GPU's copy stream (test_engine_cuda.py): the model computes on copies of
+    the host buffers made as soon as a unit's read is done, the way parameters are staged to
+    a GPU, instead of on views of the buffers. A copy made before an update lands, or kept
+    after one, gives different bits; every step here clips (updates applied by the next
+    forward) or accumulates over micro-batches."""
+    from stalwart.offload.device import StagedCopies
+
+    optim = optim_config(grad_clip=grad_clip)
+    steps = batches(3, num_micro=num_micro, vocab=259)
+    lrs = [1e-2, 5e-3, 2e-3]
+    reference = tiny_gpt(depth=4)
+    if precision == "bf16":
+        expected = reference_train_mixed(reference, steps, optim, lrs)
+    else:
+        reference_train(reference, steps, optim, lrs)
+        expected = named_parameters(reference)
+    engine = OffloadEngine(
+        tiny_gpt(depth=4),
+        offload_config(tmp_path),
+        optim,
+        loss_fn=lm_loss,
+        optimizer_kernel="torch",
+        precision=precision,
+        prefetch_depth=2,
+    )
+    engine.transfers = StagedCopies(torch.device("cpu"))
+    history = [engine.train_step(micro, lr) for micro, lr in zip(steps, lrs)]
+    assert sum(step["staged_ahead"] for step in history) > 0
+    if grad_clip:
+        assert all(step["deferred"] for step in history[1:])
+    # Evaluation applies the last step's pending updates through the same copies.
+    inputs = steps[0][0][0]
+    with torch.no_grad():
+        expected_logits = reference(inputs)
+    assert torch.equal(engine.run_forward(inputs), expected_logits)
+    _assert_identical(expected, engine.gather_parameters())
+    engine.close()
