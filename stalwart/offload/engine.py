@@ -69,6 +69,7 @@ from stalwart.offload.planner import (
     measure_machine,
     plan_offload,
     step_vs_plan,
+    unit_flops,
 )
 from stalwart.offload.store import (
     GIB,
@@ -1683,9 +1684,8 @@ class OffloadEngine:
 
     def _measured_compute_efficiency(self) -> float:
         """The blocks' measured speed over what the machine's matmul and attention rates
-        predict for them: forward, recomputation and backward (parameters resident; 8 FLOPs
-        per parameter and token, 8 s w per token for attention), the median over the
-        profiling step's blocks; 1.0 unmeasured. Normalisation, activations and the like run
+        predict for them (`planner.unit_flops`): forward, recomputation and backward
+        (parameters resident), the median over the profiling step's blocks; 1.0 unmeasured. Normalisation, activations and the like run
         far below the matmul rate on a CPU."""
         ratios = []
         machine = self.machine
@@ -1693,11 +1693,14 @@ class OffloadEngine:
         for unit, tokens, forward_s, call in self._block_times:
             if call.backward_s is None:
                 continue
-            params = sum(slot.numel for slot in unit.slots)
-            width = self._block_width.get(unit.index, 0)
-            length = min(self._sequence_length or tokens, tokens)
-            predicted = 8 * params * tokens / machine.compute_flops_per_s
-            predicted += 8 * length * tokens * width / attention_rate
+            matmul, attention = unit_flops(
+                sum(slot.numel for slot in unit.slots),
+                tokens,
+                recomputed=True,
+                sequence_length=self._sequence_length,
+                attention_width=self._block_width.get(unit.index, 0),
+            )
+            predicted = matmul / machine.compute_flops_per_s + attention / attention_rate
             ratios.append(predicted / (forward_s + call.backward_s))
         self._block_times = []
         if not ratios:

@@ -204,6 +204,23 @@ class OffloadPlan:
         return "\n".join(lines)
 
 
+def unit_flops(
+    num_params: int,
+    tokens: int,
+    *,
+    recomputed: bool,
+    sequence_length: int = 0,
+    attention_width: int = 0,
+) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of one unit's forward and backward over `tokens` tokens:
+    2 per parameter and token forward, 4 backward, 2 more for a block whose forward is
+    recomputed; causal attention 8 s w per token (its forward and backward over half the keys)
+    in sequences of `sequence_length` (0: one sequence of all the tokens)."""
+    length = min(sequence_length or tokens, tokens)
+    matmul = (8 if recomputed else 6) * num_params * tokens
+    return matmul, 8 * length * tokens * attention_width
+
+
 def plan_offload(
     units: list[UnitCost],
     machine: Machine,
@@ -221,11 +238,19 @@ def plan_offload(
     compute_efficiency: float = 1.0,
 ) -> OffloadPlan:
     num_params = sum(u.num_params for u in units)
-    block_params = sum(u.num_params for u in units if u.is_block)
-    flops = (6 * num_params + 2 * block_params) * tokens_per_step
-    compute_s = flops / machine.compute_flops_per_s
-    attention_flops = 8 * sequence_length * tokens_per_step * sum(u.attention_width for u in units)
-    compute_s += attention_flops / (machine.attention_flops_per_s or machine.compute_flops_per_s)
+    flops = [
+        unit_flops(
+            u.num_params,
+            tokens_per_step,
+            recomputed=u.is_block,
+            sequence_length=sequence_length,
+            attention_width=u.attention_width if sequence_length else 0,  # 0: not counted
+        )
+        for u in units
+    ]
+    compute_s = sum(matmul for matmul, _ in flops) / machine.compute_flops_per_s
+    attention_rate = machine.attention_flops_per_s or machine.compute_flops_per_s
+    compute_s += sum(attention for _, attention in flops) / attention_rate
     compute_s /= compute_efficiency
 
     # Activation placement: keep while the allowance lasts, then swap the earliest blocks.
