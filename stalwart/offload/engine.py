@@ -1262,12 +1262,22 @@ class OffloadEngine:
 
     def _unit_backward_done(self, unit: _Unit) -> None:
         """All of `unit`'s gradients are final for this micro-batch: move them off the device."""
-        grads: list[torch.Tensor | None] = []
+        device_grads: list[torch.Tensor | None] = []
         for slot in unit.trainable:
             grad = slot.param.grad
             slot.param.grad = None
-            grads.append(None if grad is None else grad.detach().to("cpu"))
+            device_grads.append(None if grad is None else grad.detach())
         self._make_resident(unit)  # the persistent unit and stragglers may have been released
+        if (
+            self.transfers.copies
+            and self._last_microbatch
+            and unit.state_bytes
+            and (self._first_microbatch or unit.g_buffer is None)
+        ):
+            self._gradients_off_device(unit, device_grads)
+            return
+        grads = [None if grad is None else grad.to("cpu") for grad in device_grads]
+        del device_grads
         if not self._last_microbatch:
             self._accumulate(unit, grads)
             self._release(unit)
@@ -1305,6 +1315,30 @@ class OffloadEngine:
             self._store_gradients_only(unit, [slot for slot, _ in updated])
             return
         self._hand_to_optimizer(unit, updated)
+
+    def _gradients_off_device(self, unit: _Unit, device_grads: list[torch.Tensor | None]) -> None:
+        """The last micro-batch's gradients, computed on a GPU, go straight into the unit's
+        pool buffer on the gradient copy stream (`device.StagedCopies`); the optimizer thread
+        waits for the copy, the backward of the layers below does not. Their norms are taken
+        on the device, of the float32 values the buffer receives."""
+        g_buffer = self.pool.acquire(unit.state_bytes)
+        present = [(s, g) for s, g in zip(unit.trainable, device_grads) if g is not None]
+        updated = [
+            (slot, g_buffer.view(torch.float32, slot.state_offset, slot.numel, slot.shape))
+            for slot, _ in present
+        ]
+        for slot, grad in present:
+            self._norms[slot.index] = parameter_norms([grad.float()])[0]
+        ready = self.transfers.gradients_to_host(
+            [grad for _, grad in present], [target for _, target in updated]
+        )
+        del present, device_grads
+        unit.g_buffer, unit.g_future = g_buffer, None
+        if self._defer:
+            self.transfers.wait(ready)
+            self._store_gradients_only(unit, [slot for slot, _ in updated])
+            return
+        self._hand_to_optimizer(unit, updated, ready=ready)
 
     def _store_gradients_only(self, unit: _Unit, slots: list[_Slot]) -> None:
         """Deferred mode: the gradients go to NVMe; the update waits for the next forward."""
@@ -1370,7 +1404,11 @@ class OffloadEngine:
         self._writes.append(future)
         unit.g_write = future
 
-    def _hand_to_optimizer(self, unit: _Unit, updated: list[tuple[_Slot, torch.Tensor]]) -> None:
+    def _hand_to_optimizer(
+        self, unit: _Unit, updated: list[tuple[_Slot, torch.Tensor]], ready=None
+    ) -> None:
+        """Update `unit` on the optimizer thread from its gradients in `unit.g_buffer` (`ready`:
+        the event of their copy from the device, waited for there)."""
         p_buffer, mv_buffer, mv_future = unit.p_buffer, unit.mv_buffer, unit.mv_future
         g_buffer = unit.g_buffer
         self._unattach(unit)  # before the optimizer thread rewrites p_buffer
@@ -1387,8 +1425,21 @@ class OffloadEngine:
             mv_buffer = self.pool.acquire(unit.update_buffer_bytes)
         self._job_slots.acquire()
 
+        clipping = self.settings.grad_clip > 0
+        if clipping:
+            unit.grad_half = False
+
         def job():
+            write_g = None
             try:
+                self.transfers.wait(ready)
+                # With clipping on the gradients also go to the unit's span, so that a clipped
+                # step can be redone by the optimizer alone.
+                write_g = (
+                    self.store.write_span(unit.grad_offset, unit.state_bytes, g_buffer)
+                    if clipping
+                    else None
+                )
                 if mv_future is not None:
                     mv_future.result()
                 grads = [grad for _, grad in updated]
@@ -1408,20 +1459,20 @@ class OffloadEngine:
                 write_p = self.store.write_span(target, unit.p_bytes, p_buffer)
                 write_p.add_done_callback(lambda _f: p_buffer.release())
                 unit.updated_slots = slots
+                if write_g is not None:
+                    writes.append(write_g)
                 return [write_p, *writes]
             finally:
                 self._job_slots.release()
+                # The gradients' buffer outlives the update and the write of the span.
+                if write_g is not None:
+                    _release_after(g_buffer, [write_g])
+                elif g_buffer is not None:
+                    g_buffer.release()
 
         unit.written = True
         job_future = self._optimizer_thread.submit(job)
         self._jobs.append(job_future)
-        holders = [job_future]
-        if self.settings.grad_clip > 0:
-            unit.grad_half = False
-            write_g = self.store.write_span(unit.grad_offset, unit.state_bytes, g_buffer)
-            self._writes.append(write_g)
-            holders.append(write_g)
-        _release_after(g_buffer, holders)
 
     @staticmethod
     def _master_view(unit: _Unit, buffer, slot: _Slot, base: int = 0) -> torch.Tensor:
@@ -1847,7 +1898,8 @@ class OffloadEngine:
                 # The first step showed whether the unit's own forward runs; if it does, stream it.
                 unit.provisional = False
                 unit.persistent = not unit.seen_in_forward
-        ordered = [self._norms[index] for index in sorted(self._norms)]
+        # Norms taken on a GPU come to the host here, once the backward has run.
+        ordered = [self._norms[index].cpu() for index in sorted(self._norms)]
         return total_loss, total_norm(ordered)
 
     def _finish_backward(self) -> None:
@@ -1907,7 +1959,6 @@ class OffloadEngine:
             unit.updated_slots = []
         self.step_count += 1
 
-    @torch.no_grad()
     @torch.no_grad()
     def evaluate_loss(self, inputs, targets: torch.Tensor) -> torch.Tensor:
         """`loss_fn` of the model's output outside training (evaluation); with a
@@ -2199,6 +2250,7 @@ class OffloadEngine:
     def close(self) -> None:
         """Free buffers and remove the NVMe files (the durable checkpoint is elsewhere)."""
         self._optimizer_thread.shutdown(wait=True)
+        self.transfers.close()
         if self.swapper is not None:
             self.swapper.close()
         self.pool.close()

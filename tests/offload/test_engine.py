@@ -513,15 +513,33 @@ def test_slicing_shrinks_the_smallest_pool_to_parameters_and_gradients(tmp_path)
 
 @pytest.mark.parametrize(
     "precision, grad_clip, num_micro",
-    [("fp32", 0.0, 2), ("fp32", 0.05, 2), ("bf16", 0.05, 1)],
-    ids=["fp32-no-clip", "fp32-clip-every-step", "bf16-clip-every-step"],
+    [
+        ("fp32", 0.0, 1),
+        ("fp32", 0.0, 2),
+        ("fp32", 1.0, 1),
+        ("fp32", 0.05, 2),
+        ("bf16", 0.0, 1),
+        ("bf16", 0.05, 1),
+    ],
+    ids=[
+        "fp32-no-clip",
+        "fp32-no-clip-2-micro",
+        "fp32-clip-1",
+        "fp32-clip-every-step-2-micro",
+        "bf16-no-clip",
+        "bf16-clip-every-step",
+    ],
 )
-def test_parameters_copied_ahead_of_use_are_never_stale(tmp_path, precision, grad_clip, num_micro):
-    """CPU twin of the GPU's copy stream (test_engine_cuda.py): the model computes on copies of
-    the host buffers made as soon as a unit's read is done, the way parameters are staged to
-    a GPU, instead of on views of the buffers. A copy made before an update lands, or kept
-    after one, gives different bits; every step here clips (updates applied by the next
-    forward) or accumulates over micro-batches."""
+def test_copies_to_and_from_the_compute_memory_are_never_stale(
+    tmp_path, precision, grad_clip, num_micro
+):
+    """CPU twin of the GPU's copy streams (test_engine_cuda.py): the model computes on copies
+    of the host buffers, made as soon as a unit's read is done, the way parameters are staged
+    to a GPU; the last micro-batch's gradients reach their pool buffers through copies too.
+    Every copy runs on a thread of its own, 2 ms late. A copy made before an update lands, one
+    kept after it, a buffer reused before its copy has run, or gradients read before theirs has
+    landed gives different bits. The cases cover the speculative update, clipped steps redone
+    and deferred (updates applied by the next forward) and accumulation over micro-batches."""
     from stalwart.offload.device import StagedCopies
 
     optim = optim_config(grad_clip=grad_clip)
@@ -542,7 +560,7 @@ def test_parameters_copied_ahead_of_use_are_never_stale(tmp_path, precision, gra
         precision=precision,
         prefetch_depth=2,
     )
-    engine.transfers = StagedCopies(torch.device("cpu"))
+    engine.transfers = StagedCopies(torch.device("cpu"), delay_s=0.002)
     history = [engine.train_step(micro, lr) for micro, lr in zip(steps, lrs)]
     assert sum(step["staged_ahead"] for step in history) > 0
     if grad_clip:

@@ -76,16 +76,21 @@ def test_bf16_on_cuda_matches_in_memory_mixed_precision(tmp_path):
 
 
 @pytest.mark.gpu
-def test_parameters_reach_the_device_on_a_copy_stream_ahead_of_use(tmp_path):
-    """CPU twin: test_engine.py::test_parameters_copied_ahead_of_use_are_never_stale. Pinned
-    buffers, a small pool (buffers reused within a step) and every step clipping (updates
-    applied by the next forward): the copies run on their own stream, are made before use, and
-    a buffer is never reused before its copy has run."""
+@pytest.mark.parametrize(
+    "grad_clip, num_micro", [(1.0, 1), (0.05, 1), (0.05, 2)], ids=["clip-1", "clip", "clip-2-micro"]
+)
+def test_parameters_and_gradients_cross_on_copy_streams(tmp_path, grad_clip, num_micro):
+    """CPU twin: test_engine.py::test_copies_to_and_from_the_compute_memory_are_never_stale.
+    Pinned buffers and a small pool (buffers reused within a step): parameters are copied on
+    their own stream before use, gradients come back on another, a buffer is never reused
+    before its copy has run and no gradient is read before its copy has landed; speculative,
+    clipped-and-deferred and accumulated steps."""
     from stalwart.offload.device import StagedCopies
 
-    optim = optim_config(grad_clip=0.05)
+    optim = optim_config(grad_clip=grad_clip)
     steps = [
-        [(x.cuda(), y.cuda()) for x, y in micro] for micro in batches(4, num_micro=2, vocab=259)
+        [(x.cuda(), y.cuda()) for x, y in micro]
+        for micro in batches(4, num_micro=num_micro, vocab=259)
     ]
     lrs = [1e-2, 5e-3, 2e-3, 1e-3]
     reference = tiny_gpt(depth=6).cuda()
@@ -100,6 +105,7 @@ def test_parameters_reach_the_device_on_a_copy_stream_ahead_of_use(tmp_path):
     )
     assert isinstance(engine.transfers, StagedCopies)
     assert engine.transfers.stream != torch.cuda.current_stream()
+    assert engine.transfers.gradient_stream != torch.cuda.current_stream()
     history = [engine.train_step(micro, lr) for micro, lr in zip(steps, lrs)]
     assert sum(step["staged_ahead"] for step in history) > 0
     params = engine.gather_parameters()
