@@ -19,29 +19,36 @@ from offload_helpers import (
 from stalwart.offload.engine import OffloadEngine
 
 
+def _cuda_steps(num_steps: int, num_micro: int, vocab: int):
+    return [
+        [(x.cuda(), y.cuda()) for x, y in micro]
+        for micro in batches(num_steps, num_micro=num_micro, vocab=vocab)
+    ]
+
+
+def _cuda_engine(model, tmp_path, optim, **options):
+    config = offload_config(tmp_path, max_device_memory_gb=1.0, **options.pop("config", {}))
+    return OffloadEngine(model, config, optim, loss_fn=lm_loss, optimizer_kernel="torch", **options)
+
+
+def _assert_close(params: dict, expected: dict, rtol=1e-4, atol=1e-5):
+    """GPU kernels reduce in a different order than the CPU ones: float32 rounding apart."""
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value.detach().cpu(), rtol=rtol, atol=atol)
+
+
 @pytest.mark.gpu
 def test_gpt_on_cuda_matches_in_memory(tmp_path):
     optim = optim_config(grad_clip=1.0)
-    steps = [
-        [(x.cuda(), y.cuda()) for x, y in micro] for micro in batches(3, num_micro=2, vocab=259)
-    ]
+    steps = _cuda_steps(3, num_micro=2, vocab=259)
     lrs = [1e-2, 5e-3, 2e-3]
     reference = tiny_gpt().cuda()
     reference_train(reference, steps, optim, lrs)
-    engine = OffloadEngine(
-        tiny_gpt(),
-        offload_config(tmp_path, max_device_memory_gb=1.0),
-        optim,
-        loss_fn=lm_loss,
-        optimizer_kernel="torch",
-    )
+    engine = _cuda_engine(tiny_gpt(), tmp_path, optim)
     assert engine.compute_device.type == "cuda"
     for micro_batches, lr in zip(steps, lrs):
         engine.train_step(micro_batches, lr)
-    params = engine.gather_parameters()
-    # GPU kernels reduce in a different order than the CPU ones: float32 rounding apart.
-    for name, expected in reference.named_parameters():
-        torch.testing.assert_close(params[name], expected.detach().cpu(), rtol=1e-4, atol=1e-5)
+    _assert_close(engine.gather_parameters(), named_parameters(reference))
     engine.close()
 
 
@@ -51,27 +58,16 @@ def test_bf16_on_cuda_matches_in_memory_mixed_precision(tmp_path):
     from offload_helpers import reference_train_mixed
 
     optim = optim_config(grad_clip=1.0)
-    steps = [
-        [(x.cuda(), y.cuda()) for x, y in micro] for micro in batches(3, num_micro=1, vocab=259)
-    ]
+    steps = _cuda_steps(3, num_micro=1, vocab=259)
     lrs = [1e-2, 5e-3, 2e-3]
     reference = tiny_gpt().cuda()
     masters = reference_train_mixed(reference, steps, optim, lrs)
-    engine = OffloadEngine(
-        tiny_gpt(),
-        offload_config(tmp_path, max_device_memory_gb=1.0),
-        optim,
-        loss_fn=lm_loss,
-        optimizer_kernel="torch",
-        precision="bf16",
-    )
+    engine = _cuda_engine(tiny_gpt(), tmp_path, optim, precision="bf16")
     for micro_batches, lr in zip(steps, lrs):
         engine.train_step(micro_batches, lr)
-    params = engine.gather_parameters()
     # Same bf16 GEMMs on the same device; AdamW runs on the host here and on CUDA in the
     # reference: float32 rounding apart in the masters.
-    for name, expected in masters.items():
-        torch.testing.assert_close(params[name], expected.cpu(), rtol=1e-3, atol=1e-4)
+    _assert_close(engine.gather_parameters(), masters, rtol=1e-3, atol=1e-4)
     engine.close()
 
 
@@ -88,19 +84,15 @@ def test_parameters_and_gradients_cross_on_copy_streams(tmp_path, grad_clip, num
     from stalwart.offload.device import StagedCopies
 
     optim = optim_config(grad_clip=grad_clip)
-    steps = [
-        [(x.cuda(), y.cuda()) for x, y in micro]
-        for micro in batches(4, num_micro=num_micro, vocab=259)
-    ]
+    steps = _cuda_steps(4, num_micro=num_micro, vocab=259)
     lrs = [1e-2, 5e-3, 2e-3, 1e-3]
     reference = tiny_gpt(depth=6).cuda()
     reference_train(reference, steps, optim, lrs)
-    engine = OffloadEngine(
+    engine = _cuda_engine(
         tiny_gpt(depth=6),
-        offload_config(tmp_path, max_device_memory_gb=1.0, pin_memory=True, buffer_count=2),
+        tmp_path,
         optim,
-        loss_fn=lm_loss,
-        optimizer_kernel="torch",
+        config={"pin_memory": True, "buffer_count": 2},
         prefetch_depth=2,
     )
     assert isinstance(engine.transfers, StagedCopies)
@@ -108,38 +100,25 @@ def test_parameters_and_gradients_cross_on_copy_streams(tmp_path, grad_clip, num
     assert engine.transfers.gradient_stream != torch.cuda.current_stream()
     history = [engine.train_step(micro, lr) for micro, lr in zip(steps, lrs)]
     assert sum(step["staged_ahead"] for step in history) > 0
-    params = engine.gather_parameters()
-    for name, expected in reference.named_parameters():
-        torch.testing.assert_close(params[name], expected.detach().cpu(), rtol=1e-4, atol=1e-5)
+    _assert_close(engine.gather_parameters(), named_parameters(reference))
     engine.close()
 
 
 @pytest.mark.gpu
 def test_dropout_on_cuda_is_recomputed_with_the_forward_random_numbers(tmp_path):
     """CPU twin: test_engine.py::test_dropout_is_recomputed_with_the_forward_random_numbers.
-    On a GPU dropout draws from the device's generator, saved and restored per block."""
+    On a GPU dropout draws from the device's generator, saved and restored per block. Without
+    its state the recomputed masks differ: errors of the order of the update itself (1e-2),
+    far above these tolerances."""
     optim = optim_config(grad_clip=1.0)
-    steps = [
-        [(x.cuda(), y.cuda()) for x, y in micro] for micro in batches(3, num_micro=2, vocab=96)
-    ]
+    steps = _cuda_steps(3, num_micro=2, vocab=96)
     lrs = [1e-2, 1e-2, 1e-2]
     reference = tiny_llama(attention_dropout=0.3).cuda()
     torch.manual_seed(1234)
     reference_train(reference, steps, optim, lrs)
     torch.manual_seed(1234)
-    engine = OffloadEngine(
-        tiny_llama(attention_dropout=0.3),
-        offload_config(tmp_path, max_device_memory_gb=1.0),
-        optim,
-        loss_fn=lm_loss,
-        optimizer_kernel="torch",
-    )
+    engine = _cuda_engine(tiny_llama(attention_dropout=0.3), tmp_path, optim)
     for micro_batches, lr in zip(steps, lrs):
         engine.train_step(micro_batches, lr)
-    params = engine.gather_parameters()
-    expected = named_parameters(reference)
-    # Without the device generator's state the recomputed masks differ: errors of the order
-    # of the update itself (1e-2), far above these tolerances.
-    for name, value in expected.items():
-        torch.testing.assert_close(params[name], value.cpu(), rtol=1e-4, atol=1e-5)
+    _assert_close(engine.gather_parameters(), named_parameters(reference))
     engine.close()
