@@ -148,6 +148,8 @@ class JobController:
         self._retiring_managers: dict[int, object] = {}
         self.attempt = 0
         self.history: list[dict] = []
+        # Managers stopped because their durable writes did not finish before a fallback chose.
+        self.durable_settle_timeouts = 0
         self.standbys: dict[str, list] = {}  # node id -> standby workers (built or building)
         self.standby_managers: dict[str, object] = {}  # spare node id -> idle manager
         self.standby_manager_takeovers = 0
@@ -1111,6 +1113,7 @@ class JobController:
                 continue
             manager = self.managers[position]
             if done is False:
+                self.durable_settle_timeouts += 1
                 why = f"did not finish its durable writes within {SETTLE_DURABLE_S:.0f} s"
             elif _is_dead(manager):
                 continue  # a lost one: nothing of it can still write

@@ -1001,7 +1001,10 @@ class SnapshotManager:
             copies = self.take_persist_copy(version)
             for position in sorted({meta["position"] for meta in rank_meta.values()}):
                 if position != self.position:
-                    copies.update(ray.get(self.peers[position].take_persist_copy.remote(version)))
+                    peer = self.peers[position]
+                    copies.update(
+                        self._from_peer(position, peer, peer.take_persist_copy.remote(version))
+                    )
             shards = {
                 f"rank{rank:05d}": (array, json.loads(layout_json))
                 for rank, (array, layout_json) in sorted(copies.items())
@@ -1012,6 +1015,26 @@ class SnapshotManager:
         except Exception as error:
             with self.cond:
                 self.events.append({"version": version, "persist_error": repr(error)})
+
+    def _from_peer(self, position: int, peer, ref):
+        """The answer of `peer` (at `position`) to a call, waited for in short rounds. A peer
+        that has been replaced (its node lost: the controller wired a new manager in), or has
+        not answered within wait_timeout_s, ends the wait with an error. A plain `ray.get` on a
+        lost node's manager can hold the persister thread for minutes, and with it every later
+        durable write and a recovery's `settle_durable`."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.2)
+            if ready:
+                return ray.get(ready[0])
+            current = self.peers.get(position)
+            if current is None or _actor_id(current) != _actor_id(peer):
+                raise RuntimeError(f"the manager at position {position} was replaced")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the manager at position {position} did not answer within "
+                    f"{self.wait_timeout_s:.0f} s"
+                )
 
     def flush_durable(self, timeout_s: float = 600.0) -> None:
         """Wait for every durable write submitted so far (the end of a run); TimeoutError when
@@ -1070,3 +1093,8 @@ def _pid() -> int:
 
 
 RemoteSnapshotManager = ray.remote(num_cpus=0, max_concurrency=32)(SnapshotManager)
+
+
+def _actor_id(handle) -> object:
+    """Which actor a handle calls (handles to one actor compare unequal as objects)."""
+    return getattr(handle, "_actor_id", handle)

@@ -121,3 +121,87 @@ def test_a_wait_for_a_version_of_the_dead_attempt_ends_at_the_recovery():
             manager.local_meta(4)
     finally:
         manager.shutdown()
+
+
+class _SilentPeer:
+    """A manager on a lost node: calls are sent and never answered."""
+
+    def __init__(self, name: str):
+        self._actor_id = name
+        peer = self
+
+        class _Method:
+            def remote(self, *args):
+                return ("call", peer._actor_id, args)
+
+        self.take_persist_copy = _Method()
+
+
+def _silent_ray(monkeypatch):
+    import time
+    import types
+
+    from stalwart.snapshot import manager as manager_module
+
+    def wait(refs, timeout=None, **_):
+        time.sleep(timeout or 0)
+        return [], list(refs)
+
+    def get(_ref, **_):
+        raise AssertionError("nothing is ever ready")
+
+    monkeypatch.setattr(manager_module, "ray", types.SimpleNamespace(wait=wait, get=get))
+
+
+def _persist_in_background(manager):
+    import threading
+
+    import numpy as np
+
+    manager.persist_copies[5] = {0: (np.zeros(4, dtype=np.uint8), "{}")}
+    rank_meta = {0: {"position": 0}, 1: {"position": 1}}
+    thread = threading.Thread(target=manager._persist, args=(5, rank_meta), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_durable_write_waiting_on_a_replaced_peer_gives_up(monkeypatch):
+    """A durable write gathers every position's copy of its version. When the node of one of
+    them is lost mid-gather, the controller wires a replacement manager in; the write then
+    gives up at once instead of holding the persister thread (and with it every later durable
+    write and the recovery's `settle_durable`, which waited 60 s and then stopped the surviving
+    manager)."""
+    import time
+
+    _silent_ray(monkeypatch)
+    manager = _manager()
+    try:
+        manager.set_peers({1: _SilentPeer("lost")})
+        thread = _persist_in_background(manager)
+        time.sleep(0.5)
+        assert thread.is_alive(), "the write waits for the peer while it is the current one"
+        manager.set_peers({1: _SilentPeer("replacement")})
+        thread.join(2.0)
+        assert not thread.is_alive()
+        errors = [event["persist_error"] for event in manager.events if "persist_error" in event]
+        assert errors and "replaced" in errors[0], manager.events
+        started = time.monotonic()
+        assert manager.settle_durable(5.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        manager.shutdown()
+
+
+def test_a_durable_write_waiting_on_a_silent_peer_gives_up_after_the_wait_timeout(monkeypatch):
+    _silent_ray(monkeypatch)
+    manager = _manager()
+    manager.wait_timeout_s = 0.5
+    try:
+        manager.set_peers({1: _SilentPeer("silent")})
+        thread = _persist_in_background(manager)
+        thread.join(3.0)
+        assert not thread.is_alive()
+        errors = [event["persist_error"] for event in manager.events if "persist_error" in event]
+        assert errors and "did not answer" in errors[0], manager.events
+    finally:
+        manager.shutdown()
