@@ -562,7 +562,8 @@ class SnapshotManager:
             if len(assignment.sources) != 1:
                 return None
             ((member, _chunk),) = assignment.sources
-            theirs = ray.get(self.peers[member].local_meta.remote(version))
+            peer = self.peers[member]  # waited for in rounds: the encoder thread must not hang
+            theirs = self._from_peer(member, peer, peer.local_meta.remote(version))
             if len(theirs) != len(mine):
                 return None
             ranges, base = [], 0
@@ -582,7 +583,9 @@ class SnapshotManager:
             if 2 * sum(length for _, length in ranges) > base:
                 return None
             patches = (
-                ray.get(self.peers[member].shard_ranges.remote(version, ranges)) if ranges else []
+                self._from_peer(member, peer, peer.shard_ranges.remote(version, ranges))
+                if ranges
+                else []
             )
             replicas[assignment.key] = {"ranges": ranges, "patches": patches, "nbytes": base}
         return replicas
@@ -1020,8 +1023,9 @@ class SnapshotManager:
         """The answer of `peer` (at `position`) to a call, waited for in short rounds. A peer
         that has been replaced (its node lost: the controller wired a new manager in), or has
         not answered within wait_timeout_s, ends the wait with an error. A plain `ray.get` on a
-        lost node's manager can hold the persister thread for minutes, and with it every later
-        durable write and a recovery's `settle_durable`."""
+        lost node's manager can hold the calling thread for minutes: the persister (every
+        later durable write, and a recovery's `settle_durable`) or the encoder (every later
+        version)."""
         deadline = time.monotonic() + self.wait_timeout_s
         while True:
             ready, _ = ray.wait([ref], timeout=0.2)
