@@ -133,7 +133,7 @@ def budget_split(
     """How a host budget is divided: (workspace, buffer pool, activation allowance).
 
     Outside the pool: autograd's gradients of the unit in backward before they are copied into
-    a pool buffer (two units at a boundary; in the working parameters' dtype), and the transient memory of kernels, threads and
+    a pool buffer (two units at a boundary), and the transient memory of kernels, threads and
     the allocator, which measured 100-250 MB on a 2-core host: a quarter of what the runtime
     leaves, at least `_MIN_SPARE_BYTES` and at most `_MAX_SPARE_BYTES` (training the Llama 3 8B
     shape's embedding, head and one block at a 17.7 GiB budget peaked at 9.7 GiB with a 4.3
@@ -593,11 +593,11 @@ class OffloadEngine:
         malloc_trim()
         self.baseline_rss_bytes = rss_bytes()
         largest = max(self.units, key=lambda u: u.working_set_bytes)
-        # Autograd's gradient of a unit, before it is copied into a pool buffer, has the
-        # working parameters' dtype: 2 bytes per parameter with bf16 working copies.
-        largest_grad_bytes = max(
-            (sum(slot.compute_bytes for slot in u.trainable) for u in self.units), default=0
-        )
+        # Counted at 4 bytes per parameter even with bf16 working copies, whose gradients take
+        # 2: counting 2 lowered a small bf16 model's smallest budget by 0.08 GiB, and in a fresh
+        # installation it then peaked 43 MB over that budget. What else this headroom covers
+        # outside the pool has not been measured yet.
+        largest_grad_bytes = max((u.state_bytes for u in self.units), default=0)
         self._largest_grad_bytes = largest_grad_bytes
         self.min_pool_bytes = self._smallest_pool_bytes()
         self.workspace_bytes, self.pool_budget_bytes, self.activation_allowance_bytes = (

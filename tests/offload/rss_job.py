@@ -27,7 +27,6 @@ def main(
     length: int = 32,
     loss: str = "plain",
     sub_group_size: int = 1 << 23,
-    precision: str = "fp32",
 ) -> None:
     """`loss`: "plain" (whole logits), "chunked" (TokenCrossEntropy, the engine chooses the
     chunks), "unchunked" (TokenCrossEntropy with chunking off)."""
@@ -59,7 +58,6 @@ def main(
         ),
         OptimConfig(lr=1e-3, grad_clip=1.0),
         loss_fn=loss_fn,
-        precision=precision,
     )
     generator = torch.Generator().manual_seed(0)
     losses, step_peaks, chunks, trims = [], [], [], []
@@ -103,5 +101,4 @@ if __name__ == "__main__":
         int(sys.argv[5]),
         *([int(extra[0]), int(extra[1]), extra[2]] if extra else []),
         *([int(extra[3])] if len(extra) > 3 else []),
-        *(extra[4:5]),
     )
