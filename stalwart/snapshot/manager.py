@@ -562,8 +562,7 @@ class SnapshotManager:
             if len(assignment.sources) != 1:
                 return None
             ((member, _chunk),) = assignment.sources
-            peer = self.peers[member]  # waited for in rounds: the encoder thread must not hang
-            theirs = self._from_peer(member, peer, peer.local_meta.remote(version))
+            theirs = self._call_peer(member, "local_meta", version)
             if len(theirs) != len(mine):
                 return None
             ranges, base = [], 0
@@ -582,11 +581,7 @@ class SnapshotManager:
                 base += meta.total_bytes
             if 2 * sum(length for _, length in ranges) > base:
                 return None
-            patches = (
-                self._from_peer(member, peer, peer.shard_ranges.remote(version, ranges))
-                if ranges
-                else []
-            )
+            patches = self._call_peer(member, "shard_ranges", version, ranges) if ranges else []
             replicas[assignment.key] = {"ranges": ranges, "patches": patches, "nbytes": base}
         return replicas
 
@@ -1004,10 +999,7 @@ class SnapshotManager:
             copies = self.take_persist_copy(version)
             for position in sorted({meta["position"] for meta in rank_meta.values()}):
                 if position != self.position:
-                    peer = self.peers[position]
-                    copies.update(
-                        self._from_peer(position, peer, peer.take_persist_copy.remote(version))
-                    )
+                    copies.update(self._call_peer(position, "take_persist_copy", version))
             shards = {
                 f"rank{rank:05d}": (array, json.loads(layout_json))
                 for rank, (array, layout_json) in sorted(copies.items())
@@ -1019,13 +1011,16 @@ class SnapshotManager:
             with self.cond:
                 self.events.append({"version": version, "persist_error": repr(error)})
 
-    def _from_peer(self, position: int, peer, ref):
-        """The answer of `peer` (at `position`) to a call, waited for in short rounds. A peer
+    def _call_peer(self, position: int, method: str, *args):
+        """Call `method` on the manager at `position`; its answer is waited for in short rounds
+        (this manager's encoder and persister threads call their peers this way). A peer
         that has been replaced (its node lost: the controller wired a new manager in), or has
         not answered within wait_timeout_s, ends the wait with an error. A plain `ray.get` on a
         lost node's manager can hold the calling thread for minutes: the persister (every
         later durable write, and a recovery's `settle_durable`) or the encoder (every later
         version)."""
+        peer = self.peers[position]
+        ref = getattr(peer, method).remote(*args)
         deadline = time.monotonic() + self.wait_timeout_s
         while True:
             ready, _ = ray.wait([ref], timeout=0.2)
